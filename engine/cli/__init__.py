@@ -1,0 +1,42 @@
+"""The ``lance`` command line.
+
+Every module in this package that defines ``register(subparsers)`` adds its own subcommand(s);
+``register`` must call ``parser.set_defaults(func=run)`` where ``run(args) -> int`` is the exit status.
+Modules import heavy dependencies (torch, models, datasets) inside ``run`` so that ``lance --help``
+stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lance",
+        description="LANCE Lab: memory-efficient on-device learning (ASI, LANCE, HOSVD, gradient filter).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
