@@ -1,0 +1,271 @@
+"""Exact multiple-choice knapsack: pick one option per group, minimise the summed value, cost <= budget.
+
+Pure numpy, no torch. Used for ASI's rank selection (methods.md §4): group = fine-tuned layer,
+option = energy threshold ε, cost = bytes stored for backward, value = gradient error ("perplexity").
+
+Algorithm: a Pareto-front merge. After processing groups ``0..i`` the front holds every reachable
+(total cost, total value) pair that no other pair beats on both (cheaper-or-equal *and* better-or-equal);
+merging the next group forms all sums, sorts them by cost and keeps the strict running minima of the
+value. A pair that is dominated can never be part of an optimum that its dominator could not equally
+reach, so the final front's best pair within budget is the exact optimum. Two exact prunings keep
+the fronts small: (1) a partial cost that cannot be completed within budget even with the cheapest
+option of every remaining group is dropped; (2) a partial value whose best possible completion — the
+LP-relaxation lower bound of the remaining groups at the remaining budget — is worse than a known
+feasible solution is dropped. Costs are integers (rounded *up* from the inputs), so feasibility is
+decided in exact integer arithmetic and the answer can never exceed the budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+class InfeasibleBudget(ValueError):
+    """The budget is below the least total cost that any choice reaches.
+
+    Attributes: ``budget`` and ``min_total_cost`` in the caller's cost unit (bytes for rank selection).
+    """
+
+    def __init__(self, budget: int, min_total_cost: int, unit: str = "bytes"):
+        self.budget = int(budget)
+        self.min_total_cost = int(min_total_cost)
+        self.unit = unit
+        super().__init__(
+            f"budget of {self.budget} {unit} is infeasible: the least total that fits is "
+            f"{self.min_total_cost} {unit} (every layer at its cheapest choice); "
+            f"raise the budget to at least {self.min_total_cost} {unit} or fine-tune fewer layers"
+        )
+
+
+@dataclass
+class KnapsackSolution:
+    """``choices[i]``: index of the option picked in group ``i``; totals over the picked options."""
+
+    choices: list[int]
+    total_cost: int
+    total_value: float
+    front_sizes: list[int] = field(default_factory=list)  # Pareto-front size after each group (diagnostics)
+
+
+def round_costs_up(costs: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    """Integer costs, rounded up (``ceil``) so that a solution within budget in integers is within it in reals."""
+    out = []
+    for i, group in enumerate(costs):
+        arr = np.asarray(group, dtype=np.float64).reshape(-1)
+        if arr.size == 0:
+            raise ValueError(f"group {i} has no options: every group needs at least one")
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(f"group {i} has a negative or non-finite cost: {arr.tolist()}")
+        out.append(np.array([math.ceil(x) for x in arr.tolist()], dtype=np.int64))
+    return out
+
+
+def _check_values(values: Sequence[Sequence[float]], costs: list[np.ndarray]) -> list[np.ndarray]:
+    if len(values) != len(costs):
+        raise ValueError(f"costs has {len(costs)} groups but values has {len(values)}")
+    out = []
+    for i, (group, c) in enumerate(zip(values, costs)):
+        arr = np.asarray(group, dtype=np.float64).reshape(-1)
+        if arr.shape != c.shape:
+            raise ValueError(f"group {i}: {c.size} costs but {arr.size} values")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"group {i} has a non-finite value: {arr.tolist()}")
+        out.append(arr)
+    return out
+
+
+def _prune_group(cost: np.ndarray, value: np.ndarray, max_cost: int) -> np.ndarray:
+    """Indices of the options worth keeping: affordable and not dominated within the group."""
+    idx = np.nonzero(cost <= max_cost)[0]
+    if idx.size == 0:
+        return idx
+    order = idx[np.lexsort((idx, value[idx], cost[idx]))]  # by cost, then value, then index
+    v = value[order]
+    keep = np.ones(order.size, dtype=bool)
+    keep[1:] = v[1:] < np.minimum.accumulate(v)[:-1]
+    return order[keep]
+
+
+def _lower_convex_hull(cost: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower convex hull of one group's (cost, value) points, sorted by cost (Pareto points as input)."""
+    hull_c: list[float] = []
+    hull_v: list[float] = []
+    for c, v in zip(cost.tolist(), value.tolist()):
+        while len(hull_c) >= 2:
+            c1, v1, c2, v2 = hull_c[-2], hull_v[-2], hull_c[-1], hull_v[-1]
+            # drop the middle point if it lies on or above the segment from point 1 to the new point
+            if (v2 - v1) * (c - c1) >= (v - v1) * (c2 - c1):
+                hull_c.pop()
+                hull_v.pop()
+            else:
+                break
+        hull_c.append(float(c))
+        hull_v.append(float(v))
+    return np.array(hull_c), np.array(hull_v)
+
+
+class _LPBound:
+    """LP-relaxation lower bound of ``min Σ value`` over a set of groups, as a function of their budget.
+
+    The relaxation of a multiple-choice knapsack is solved by taking every group's cheapest hull point
+    and then buying hull segments in order of steepest value decrease per unit cost. The result is a
+    convex, piecewise-linear, non-increasing function of the budget: evaluated with ``np.interp``.
+    A budget below the cheapest total means infeasible (+inf).
+    """
+
+    def __init__(self, hulls: list[tuple[np.ndarray, np.ndarray]]):
+        base_cost = sum(float(c[0]) for c, _ in hulls)
+        base_value = sum(float(v[0]) for _, v in hulls)
+        seg_dc, seg_dv = [], []
+        for c, v in hulls:
+            if c.size > 1:
+                seg_dc.append(np.diff(c))
+                seg_dv.append(np.diff(v))
+        if seg_dc:
+            dc = np.concatenate(seg_dc)
+            dv = np.concatenate(seg_dv)
+            order = np.argsort(dv / dc, kind="stable")  # most negative slope first
+            self.knots_cost = np.concatenate([[base_cost], base_cost + np.cumsum(dc[order])])
+            self.knots_value = np.concatenate([[base_value], base_value + np.cumsum(dv[order])])
+        else:
+            self.knots_cost = np.array([base_cost])
+            self.knots_value = np.array([base_value])
+        self.min_cost = base_cost
+
+    def __call__(self, budget: np.ndarray) -> np.ndarray:
+        out = np.interp(budget, self.knots_cost, self.knots_value)
+        return np.where(budget < self.min_cost, np.inf, out)
+
+
+def _greedy_incumbent(costs, values, budget) -> float:
+    """Value of a feasible solution (an upper bound on the optimum): cheapest everywhere, then the
+    best-value-per-byte upgrades that still fit, repeated until none fits."""
+    choice = [0] * len(costs)
+    for i, (c, v) in enumerate(zip(costs, values)):  # the best value among the cheapest options
+        cheapest = c == c.min()
+        choice[i] = int(np.flatnonzero(cheapest)[np.argmin(v[cheapest])])
+    spent = sum(int(c[j]) for c, j in zip(costs, choice))
+    while True:
+        best = None
+        for i, (c, v) in enumerate(zip(costs, values)):
+            dc = c - c[choice[i]]
+            dv = v - v[choice[i]]
+            ok = (dv < 0) & (spent + dc <= budget)
+            if not ok.any():
+                continue
+            ratio = np.where(ok, dv / np.maximum(dc, 1), np.inf)
+            j = int(np.argmin(ratio))
+            if best is None or ratio[j] < best[0]:
+                best = (ratio[j], i, j)
+        if best is None:
+            break
+        _, i, j = best
+        spent += int(costs[i][j] - costs[i][choice[i]])
+        choice[i] = j
+    return float(sum(float(v[j]) for v, j in zip(values, choice)))
+
+
+def solve_multiple_choice_knapsack(
+    costs: Sequence[Sequence[float]],
+    values: Sequence[Sequence[float]],
+    budget: float,
+    unit: str = "bytes",
+) -> KnapsackSolution:
+    """Exact ``argmin Σ_i values[i][j_i]`` subject to ``Σ_i ceil(costs[i][j_i]) <= floor(budget)``.
+
+    ``costs``/``values``: one sequence per group (ragged allowed), non-negative costs, finite values.
+    Raises :class:`InfeasibleBudget` (with the least feasible total) when even the cheapest choice
+    of every group exceeds the budget. Ties in value go to the cheaper, then lower-index, option.
+    """
+    int_costs = round_costs_up(costs)
+    float_values = _check_values(values, int_costs)
+    budget_int = int(math.floor(budget))
+    n = len(int_costs)
+    if n == 0:
+        return KnapsackSolution([], 0, 0.0, [])
+    min_costs = np.array([int(c.min()) for c in int_costs], dtype=np.int64)
+    min_total = int(min_costs.sum())
+    if min_total > budget_int:
+        raise InfeasibleBudget(budget_int, min_total, unit)
+
+    # Per-group pruning: unaffordable and dominated options go.
+    kept_idx, kept_cost, kept_value = [], [], []
+    for i in range(n):
+        slack = budget_int - (min_total - int(min_costs[i]))
+        idx = _prune_group(int_costs[i], float_values[i], slack)
+        kept_idx.append(idx)
+        kept_cost.append(int_costs[i][idx])
+        kept_value.append(float_values[i][idx])
+
+    # suffix_min_cost[i]: least cost of groups i..n-1; suffix_bound[i]: LP lower bound for groups i..n-1.
+    suffix_min_cost = np.zeros(n + 1, dtype=np.int64)
+    suffix_min_cost[:n] = np.cumsum(min_costs[::-1])[::-1]
+    hulls = [_lower_convex_hull(c, v) for c, v in zip(kept_cost, kept_value)]
+    suffix_bound = [_LPBound(hulls[i:]) for i in range(n)] + [None]
+    incumbent = _greedy_incumbent(kept_cost, kept_value, budget_int)
+    tolerance = 1e-9 * max(1.0, abs(incumbent))
+
+    front_cost = np.zeros(1, dtype=np.int64)
+    front_value = np.zeros(1, dtype=np.float64)
+    parents: list[np.ndarray] = []
+    picks: list[np.ndarray] = []
+    front_sizes: list[int] = []
+    for i in range(n):
+        c, v = kept_cost[i], kept_value[i]
+        m = c.size
+        cand_cost = (front_cost[:, None] + c[None, :]).reshape(-1)
+        cand_value = (front_value[:, None] + v[None, :]).reshape(-1)
+        ok = cand_cost + suffix_min_cost[i + 1] <= budget_int
+        if suffix_bound[i + 1] is not None:
+            remaining = (budget_int - cand_cost).astype(np.float64)
+            ok &= cand_value + suffix_bound[i + 1](remaining) <= incumbent + tolerance
+        else:
+            ok &= cand_value <= incumbent + tolerance
+        flat = np.flatnonzero(ok)
+        cand_cost, cand_value = cand_cost[flat], cand_value[flat]
+        order = np.lexsort((flat, cand_value, cand_cost))
+        cand_cost, cand_value, flat = cand_cost[order], cand_value[order], flat[order]
+        keep = np.ones(flat.size, dtype=bool)
+        if flat.size > 1:
+            keep[1:] = cand_value[1:] < np.minimum.accumulate(cand_value)[:-1]
+        flat = flat[keep]
+        front_cost, front_value = cand_cost[keep], cand_value[keep]
+        parents.append(flat // m)
+        picks.append(flat % m)
+        front_sizes.append(int(front_cost.size))
+        if front_cost.size == 0:  # cannot happen: the incumbent itself survives every pruning
+            raise RuntimeError("knapsack front became empty; please report this instance")
+
+    best = int(np.argmin(front_value))  # fronts are sorted by cost: argmin takes the cheapest among ties
+    choices = [0] * n
+    k = best
+    for i in range(n - 1, -1, -1):
+        choices[i] = int(kept_idx[i][picks[i][k]])
+        k = int(parents[i][k])
+    total_cost = int(sum(int(int_costs[i][j]) for i, j in enumerate(choices)))
+    total_value = float(sum(float(float_values[i][j]) for i, j in enumerate(choices)))
+    assert total_cost <= budget_int
+    return KnapsackSolution(choices, total_cost, total_value, front_sizes)
+
+
+def brute_force_multiple_choice_knapsack(costs, values, budget) -> KnapsackSolution:
+    """Every combination, for tests and tiny instances only (``Π |group|`` evaluations)."""
+    import itertools
+
+    int_costs = round_costs_up(costs)
+    float_values = _check_values(values, int_costs)
+    budget_int = int(math.floor(budget))
+    best = None
+    for combo in itertools.product(*[range(c.size) for c in int_costs]):
+        cost = sum(int(int_costs[i][j]) for i, j in enumerate(combo))
+        if cost > budget_int:
+            continue
+        value = sum(float(float_values[i][j]) for i, j in enumerate(combo))
+        if best is None or value < best.total_value or (value == best.total_value and cost < best.total_cost):
+            best = KnapsackSolution(list(combo), cost, value)
+    if best is None:
+        raise InfeasibleBudget(budget_int, int(sum(int(c.min()) for c in int_costs)))
+    return best
