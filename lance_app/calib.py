@@ -1,0 +1,131 @@
+"""Calibration for the Spectra and Budget pages: controls, a cached engine call, a flat view of it.
+
+``engine.calibration.calibrate`` builds its own model and data and caches its JSON under
+``$LANCE_HOME/cache/calibration``; here the result dict is also kept in ``st.cache_data`` so a page
+rerun does not even read the file. Calibration runs forward/backward passes once under no training,
+in the script thread, with a progress bar (small-cnn on digits: about a second).
+"""
+from __future__ import annotations
+
+import math
+
+import streamlit as st
+
+from lance_app.catalog import Unavailable, engine_attr
+from lance_app.state import show_error
+
+DEFAULT_EPS_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+ELEMENT_BYTES = 4
+
+
+def calibration_controls(page: str) -> dict:
+    """Batches, batch size and ε grid (shared by the Spectra and Budget pages)."""
+    params = st.session_state.setdefault("calib_params", {"batches": 2, "batch_size": 64,
+                                                         "eps": ",".join(f"{e:g}" for e in DEFAULT_EPS_GRID)})
+    with st.expander("Calibration settings", expanded=False):
+        c1, c2, c3 = st.columns([1, 1, 3])
+        params["batches"] = int(c1.number_input("Batches", 1, 100, params["batches"], key=f"{page}_batches"))
+        params["batch_size"] = int(c2.number_input("Batch size", 1, 1024, params["batch_size"],
+                                                   key=f"{page}_batch_size"))
+        params["eps"] = c3.text_input("ε grid (comma separated, each in (0, 1])", params["eps"], key=f"{page}_eps")
+    return params
+
+
+def parse_eps_grid(text: str) -> tuple[float, ...]:
+    """'0.5, 0.9' -> (0.5, 0.9); raises ValueError with what to write."""
+    try:
+        grid = tuple(sorted({float(t) for t in text.replace(";", ",").split(",") if t.strip()}))
+    except ValueError:
+        raise ValueError(f"cannot read the ε grid {text!r}: write numbers in (0, 1] separated by commas, "
+                         "e.g. 0.5,0.7,0.9") from None
+    if not grid or any(not 0 < e <= 1 for e in grid):
+        raise ValueError(f"every ε must lie in (0, 1]; got {text!r}")
+    return grid
+
+
+@st.cache_resource(show_spinner=False)
+def _results() -> dict:
+    """Process-wide {calibration key: result dict} (at most 16 kept)."""
+    return {}
+
+
+def _calibrate(backbone: str, weights: str, dataset: str, layers_k: int, eps_grid: tuple, batches: int,
+               batch_size: int, resolution: int, seed: int) -> dict:
+    key = (backbone, weights, dataset, layers_k, eps_grid, batches, batch_size, resolution, seed)
+    cache = _results()
+    if key in cache:
+        return cache[key]
+    calibrate = engine_attr("engine.calibration", "calibrate")
+    bar = st.progress(0.0, text="Calibrating…")
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(1, total)), text=f"Calibrating: {stage} {done}/{total}")
+
+    try:
+        result = calibrate(backbone, weights=weights, dataset=dataset, layers_k=layers_k,
+                           eps_grid=list(eps_grid), batches=batches, batch_size=batch_size,
+                           resolution=resolution or None, seed=seed, progress=progress)
+    finally:
+        bar.empty()
+    if len(cache) >= 16:
+        cache.pop(next(iter(cache)))
+    cache[key] = result.to_dict()
+    return cache[key]
+
+
+def _tucker_bytes(shape, ranks) -> int:
+    try:
+        return int(engine_attr("engine.functional", "tucker_bytes")(list(shape), list(ranks), ELEMENT_BYTES))
+    except Unavailable:  # methods.md §1: Π r_m + Σ D_m r_m elements
+        return ELEMENT_BYTES * (math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks)))
+
+
+def view_from_result(result: dict) -> dict:
+    """Flatten a CalibrationResult dict into what the pages draw (every layer gets bytes per ε)."""
+    layers = [layer["name"] for layer in result["layers"]]
+    by_name = {layer["name"]: layer for layer in result["layers"]}
+    view = {"layers": layers, "eps_grid": list(result["eps_grid"]), "spectra": by_name,
+            "ranks": {}, "bytes": {}, "vanilla_bytes": {}, "finetuned": list(result["finetuned_layers"]),
+            "perplexity": {}, "relative": {}, "batch_size": result["batch_size"], "result": result,
+            "timing": result.get("timing", {}), "from_cache": result.get("from_cache", False)}
+    for name, layer in by_name.items():
+        view["ranks"][name] = [list(r) for r in layer["ranks"]]
+        shape = [result["batch_size"], *layer["input_shape"][1:]]
+        view["vanilla_bytes"][name] = int(layer.get("full_bytes") or math.prod(shape) * ELEMENT_BYTES)
+        if layer.get("bytes") is not None:
+            view["bytes"][name] = [int(b) for b in layer["bytes"]]
+        else:
+            view["bytes"][name] = [_tucker_bytes(shape, [min(int(r), d) for r, d in zip(ranks, shape)])
+                                   for ranks in layer["ranks"]]
+        if layer.get("perplexity") is not None:
+            view["perplexity"][name] = layer["perplexity"]
+            view["relative"][name] = layer["relative_perplexity"]
+    if not view["perplexity"]:
+        view["perplexity_note"] = "No fine-tuned layers were measured (set k ≥ 1 on the Setup page)."
+    return view
+
+
+def calibration_view(cfg: dict, params: dict) -> dict | None:
+    """The calibration of the current setup as a view dict, or None after showing why not."""
+    try:
+        eps_grid = parse_eps_grid(params["eps"])
+    except ValueError as exc:
+        st.error(str(exc))
+        return None
+    try:
+        result = _calibrate(cfg["backbone"], cfg["weights"], cfg["dataset"], int(cfg["layers"]), eps_grid,
+                            int(params["batches"]), int(params["batch_size"]), int(cfg.get("resolution") or 0),
+                            int(cfg["seed"]))
+    except Unavailable as exc:
+        st.info(f"Calibration unavailable: {exc}")
+        return None
+    except Exception as exc:  # missing dataset / weights, bad layer count: the engine's message
+        show_error(f"Calibration of {cfg['backbone']} on {cfg['dataset']} failed: {exc}", exc)
+        return None
+    view = view_from_result(result)
+    t = view["timing"]
+    st.caption(f"Calibration: {t.get('batches', params['batches'])} batch(es) of {view['batch_size']}, "
+               f"{len(view['layers'])} layers, {len(view['finetuned'])} fine-tuned"
+               + (" · from cache" if view["from_cache"] else
+                  f" · {t.get('total_s', 0):.1f} s" if t.get("total_s") else ""))
+    return view

@@ -1,0 +1,110 @@
+"""Continual: a task sequence per method; live accuracy matrix, ACC/BWT/forgetting, subspace usage."""
+from __future__ import annotations
+
+import streamlit as st
+
+from lance_app import catalog, figures
+from lance_app.catalog import Unavailable
+from lance_app.live import POLL_S, job_progress
+from lance_app.state import CONTINUAL_METHODS, attach_job, attached_job, job_runner, setup_config, show_error
+from lance_app.views import job_state, poll_view, running_jobs_picker, status_banner, stop_button
+
+KIND = "continual"
+st.title("Continual learning")
+st.caption("Task-incremental: one head per task, the whole backbone trained. LANCE keeps each new "
+           "task's updates orthogonal to the old tasks' inputs; GPM does so with full activations; "
+           "finetune does not protect anything.")
+cfg = setup_config()
+benchmarks = [o for o in catalog.continual_benchmarks() if o.available]
+try:
+    backbones = catalog.backbone_names()
+except Unavailable as exc:
+    backbones = [catalog.DEFAULT_BACKBONE]
+    st.info(f"Backbone list unavailable: {exc}")
+
+with st.form("continual_form"):
+    c1, c2 = st.columns(2)
+    bench = c1.selectbox("Benchmark", benchmarks, format_func=lambda o: o.label, key="cl_benchmark")
+    cl_backbones = [b for b in backbones if b.endswith("-cl") or b.endswith("-reduced")] or backbones
+    backbone = c2.selectbox("Backbone", cl_backbones, key="cl_backbone")
+    methods = st.multiselect("Methods", CONTINUAL_METHODS, default=["lance", "finetune"], key="cl_methods")
+    c3, c4, c5, c6 = st.columns(4)
+    epochs = c3.number_input("Epochs per task", 1, 100, 1, key="cl_epochs")
+    n_tasks = c4.number_input("Tasks", 2, 20, 5, key="cl_tasks")
+    eps_cl = c5.number_input("ε_cl start", 0.5, 0.9999, 0.97, format="%.4f", key="cl_eps")
+    eps_step = c6.number_input("ε_cl step per task", 0.0, 0.05, 0.003, format="%.4f", key="cl_eps_step")
+    submitted = st.form_submit_button("Start task sequence", type="primary")
+
+if submitted:
+    if not methods:
+        st.error("Choose at least one method.")
+    else:
+        benchmark, _, dataset = bench.value.partition("|")
+        args = ["--benchmark", benchmark, "--backbone", backbone, "--method", ",".join(methods),
+                "--epochs", str(epochs), "--eps-cl", str(eps_cl), "--eps-cl-step", str(eps_step),
+                "--seed", str(cfg["seed"])]
+        if dataset:
+            args += ["--dataset", dataset]
+        try:
+            job = job_runner().start(KIND, args, label=f"{','.join(methods)} on {benchmark}",
+                                     extra={"methods": methods, "n_tasks": int(n_tasks)})
+            attach_job(KIND, job.job_id)
+            st.session_state.pop(f"{KIND}_view", None)
+        except Exception as exc:
+            show_error(f"Could not start the job: {exc}", exc)
+
+job_id = attached_job(KIND)
+running_jobs_picker(KIND, job_id)
+if not job_id:
+    st.info("No task sequence attached. Start one above, or attach to a running one.")
+    st.stop()
+
+known, alive = job_state(KIND, job_id)
+job = job_runner().get(job_id)
+extra = job.extra if job else {}
+
+
+@st.fragment(run_every=POLL_S if alive else None)
+def live_view() -> None:
+    now_alive = job_runner().is_alive(job_id)
+    view = poll_view(KIND, job_id)
+    if view is None:
+        return
+    head, stop_col = st.columns([5, 1])
+    head.markdown(f"**Job `{job_id}`** · {'running' if now_alive else 'finished'}")
+    with stop_col:
+        stop_button(KIND, job_id, now_alive)
+    n_runs = len(extra.get("methods", [])) or max(1, len(view.runs))
+    n_tasks = int(extra.get("n_tasks") or 0)
+    done = 0.0
+    for run in view.runs:
+        if run.get("status") == "completed":
+            done += 1
+        elif n_tasks:
+            m = figures.accuracy_matrix(view.frames.get(run["id"]))
+            done += min(1.0, m.shape[0] / n_tasks)
+    progress = done / n_runs if n_runs else job_progress(view, 1, None, None)
+    st.progress(min(1.0, progress), text=f"{progress:.0%} · {len(view.runs)}/{n_runs} method(s) started")
+    status_banner(KIND, job_id, view, now_alive)
+    if not view.runs:
+        return
+    tabs = st.tabs([figures.run_label(r) for r in view.runs])
+    for tab, run in zip(tabs, view.runs):
+        with tab:
+            df = view.frames.get(run["id"])
+            m1, m2, m3 = st.columns(3)
+            for col, key, name in ((m1, "ACC", "ACC (%)"), (m2, "BWT", "BWT (points)"),
+                                   (m3, "forgetting", "forgetting (points)")):
+                value = figures.latest_value(df, key, split="task")
+                col.metric(name, "–" if value is None else f"{value:.2f}")
+            c1, c2 = st.columns(2)
+            c1.plotly_chart(figures.accuracy_matrix_figure(figures.accuracy_matrix(df)),
+                            key=f"cl_matrix_{run['id']}")
+            c2.plotly_chart(figures.usage_figure(df), key=f"cl_usage_{run['id']}")
+            peak = figures.latest_value(df, "peak_layer_activation_bytes", split="task")
+            st.caption(f"peak measured activation bytes: {figures.format_bytes(peak)}")
+    if alive and not now_alive:
+        st.rerun()
+
+
+live_view()
