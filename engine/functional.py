@@ -1,0 +1,147 @@
+"""Weight gradients in compressed space (methods.md §3) and helpers that need no module state.
+
+A Tucker form is ``(core, factors)``: ``core`` has one mode per activation mode, ``factors[m]`` is
+an orthonormal ``(D_m, r_m)`` matrix or ``None`` when mode ``m`` is kept whole (then the core keeps
+``D_m`` there). The activation is never rebuilt at full size: the output gradient is projected onto
+the batch factor, the spatial factors are zero-padded in factor space, the correlation runs with the
+compressed batch as batch and the compressed channels as input channels, and the channel factor lifts
+the result back. Grouped and depthwise convs lift the channel mode before a grouped correlation,
+so no ``C'×r_C`` cross terms are formed only to keep a diagonal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import tensor_ops as T
+from engine.geometry import ConvGeometry, conv_geometry
+
+Tensor = torch.Tensor
+Factors = Sequence[Tensor | None]
+
+
+def _pad_rows(factor: Tensor, before: int, after: int) -> Tensor:
+    """Zero rows above and below: the input's zero padding, done in factor space. ``(D, r) → (D+before+after, r)``."""
+    if before == 0 and after == 0:
+        return factor
+    return F.pad(factor, (0, 0, before, after))
+
+
+def conv_weight_grad(core: Tensor, factors: Factors, grad_output: Tensor, geometry: ConvGeometry,
+                     weight_shape: torch.Size) -> Tensor:
+    """dW of a conv from a Tucker-compressed input.
+
+    core ``(r_B, r_C, r_H, r_W)``, factors ``[U_B (B, r_B) | None, U_C (C, r_C) | None, U_H (H, r_H) | None,
+    U_W (W, r_W) | None]``, grad_output ``(B, C', H', W')`` → dW ``(C', C/groups, kh, kw)``.
+    """
+    u_batch, u_channel, u_height, u_width = factors
+    z1 = grad_output if u_batch is None else T.mode_product(grad_output, u_batch, 0)  # (r_B, C', H', W')
+    top, bottom, left, right = geometry.padding
+    x = core
+    padded = False
+    if u_height is not None or u_width is not None:
+        # Expand the spatial modes with zero-padded factors; a mode kept whole is padded directly.
+        if u_height is not None:
+            x = T.mode_expand(x, _pad_rows(u_height, top, bottom), 2)
+        elif top or bottom:
+            x = F.pad(x, (0, 0, top, bottom))
+        if u_width is not None:
+            x = T.mode_expand(x, _pad_rows(u_width, left, right), 3)
+        elif left or right:
+            x = F.pad(x, (left, right, 0, 0))
+        padded = True
+    if geometry.groups == 1:
+        reduced_shape = (weight_shape[0], x.shape[1], weight_shape[2], weight_shape[3])
+        z4 = geometry.weight_grad(x, z1, reduced_shape, groups=1, padded=padded)  # (C', r_C, kh, kw)
+        return z4 if u_channel is None else T.mode_expand(z4, u_channel, 1)
+    if u_channel is not None:
+        x = T.mode_expand(x, u_channel, 1)  # (r_B, C, Hp, Wp): batch and spatial stay compressed
+    return geometry.weight_grad(x, z1, weight_shape, groups=geometry.groups, padded=padded)
+
+
+def linear_weight_grad(core: Tensor, factors: Factors, grad_output: Tensor) -> Tensor:
+    """dW of a linear layer from a Tucker-compressed input.
+
+    core ``(r_0, …, r_F)`` for an input ``(B, F)``, ``(B, L, F)`` or ``(B, H, W, F)``; grad_output has the
+    input's leading modes and ``out`` features last → dW ``(out, F)``.
+    """
+    z = grad_output
+    for mode, factor in enumerate(factors[:-1]):
+        if factor is not None:
+            z = T.mode_product(z, factor, mode)
+    out_features = z.shape[-1]
+    dw = z.reshape(-1, out_features).T @ core.reshape(-1, core.shape[-1])  # (out, r_F)
+    return dw if factors[-1] is None else dw @ factors[-1].T
+
+
+def tucker_weight_grad(layer: nn.Module, core: Tensor, factors: Factors, grad_output: Tensor) -> Tensor:
+    """dW of ``layer`` (``nn.Conv2d`` or ``nn.Linear``) from a Tucker-compressed input."""
+    if isinstance(layer, nn.Conv2d):
+        return conv_weight_grad(core, factors, grad_output, conv_geometry(layer), layer.weight.shape)
+    if isinstance(layer, nn.Linear):
+        return linear_weight_grad(core, factors, grad_output)
+    raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+
+
+@torch.no_grad()
+def hosvd(activation: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor | None]]:
+    """Truncated HOSVD at fixed per-mode ranks (a mode whose rank reaches its size is kept whole).
+
+    activation ``(D_0, …)`` → core ``(r_0, …)``, factors ``[(D_m, r_m) | None]``.
+    """
+    x = activation.detach()
+    factors: list[Tensor | None] = []
+    for mode, rank in enumerate(ranks):
+        size = x.shape[mode]
+        factors.append(None if rank >= size else T.leading_subspace(T.mode_gram(x, mode), rank))
+    core = x
+    for mode, factor in enumerate(factors):
+        if factor is not None:
+            core = T.mode_product(core, factor, mode)
+    return core, factors
+
+
+@torch.no_grad()
+def hosvd_ranks(activation: Tensor, eps: float) -> tuple[int, ...]:
+    """Per-mode ranks reaching energy ``eps`` (smallest r with Σσ² ≥ eps·Σσ²) of every unfolding."""
+    x = activation.detach()
+    ranks = []
+    for mode in range(x.dim()):
+        values, _ = T.gram_eigh(T.mode_gram(x, mode))
+        ranks.append(T.rank_for_energy(values, eps))
+    return tuple(ranks)
+
+
+def tucker_weight_grad_at_ranks(layer: nn.Module, activation: Tensor, grad_output: Tensor,
+                                ranks: Sequence[int]) -> Tensor:
+    """The compressed dW after truncating ``activation`` to ``ranks`` by HOSVD (the calibration's perplexity)."""
+    core, factors = hosvd(activation, ranks)
+    with torch.no_grad():
+        return tucker_weight_grad(layer, core, factors, grad_output.detach())
+
+
+def tucker_elements(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Stored elements ``Π r_m + Σ D_m r_m`` (a mode with ``r_m ≥ D_m`` is kept whole: no factor)."""
+    kept = [min(r, d) for r, d in zip(ranks, shape)]
+    return math.prod(kept) + sum(d * r for d, r in zip(shape, kept) if r < d)
+
+
+def tucker_bytes(shape: Sequence[int], ranks: Sequence[int], element_bytes: int = 4) -> int:
+    """Bytes of core + factors (see :func:`tucker_elements`)."""
+    return tucker_elements(shape, ranks) * element_bytes
+
+
+def default_asi_ranks(shape: Sequence[int], kind: str, batch_rank: int = 8) -> tuple[int, ...]:
+    """ASI's default ranks for an activation ``shape`` (batch first).
+
+    conv ``(B, C, H, W)`` → ``(8, ⌈C/8⌉, ⌈H/2⌉, ⌈W/2⌉)``; linear ``(B, [L | H, W,] F)`` →
+    ``(8, [⌈L/2⌉ | ⌈H/2⌉, ⌈W/2⌉,] ⌈F/8⌉)``.
+    """
+    if kind == "conv":
+        _, channels, height, width = shape
+        return (batch_rank, math.ceil(channels / 8), math.ceil(height / 2), math.ceil(width / 2))
+    return (batch_rank,) + tuple(math.ceil(d / 2) for d in shape[1:-1]) + (math.ceil(shape[-1] / 8),)

@@ -1,0 +1,109 @@
+"""Layer geometry: what a Conv2d / Linear does to shapes, normalised once.
+
+A :class:`ConvGeometry` holds explicit four-sided padding ``(top, bottom, left, right)`` so that
+``'same'`` with even kernels (asymmetric padding) and per-axis padding are handled in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, bottom, left, right
+    groups: int
+
+    @property
+    def symmetric(self) -> bool:
+        top, bottom, left, right = self.padding
+        return top == bottom and left == right
+
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        top, bottom, left, right = self.padding
+        kh, kw = self.kernel
+        out_h = (height + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return out_h, out_w
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The exact convolution: x ``(B, C, H, W)`` → ``(B, C', H', W')``."""
+        top, bottom, left, right = self.padding
+        if self.symmetric:
+            return F.conv2d(x, weight, bias, self.stride, (top, left), self.dilation, self.groups)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, self.stride, 0, self.dilation, self.groups)
+
+    def input_grad(self, grad_output: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        """Exact dL/dx from ``grad_output (B, C', H', W')`` and the weight only."""
+        top, bottom, left, right = self.padding
+        batch, channels, height, width = input_shape
+        if self.symmetric:
+            dummy = grad_output.new_empty(1).expand(tuple(input_shape))
+            return torch.ops.aten.convolution_backward(
+                grad_output, dummy, weight, None, list(self.stride), [top, left], list(self.dilation),
+                False, [0, 0], self.groups, [True, False, False],
+            )[0]
+        padded_shape = (batch, channels, height + top + bottom, width + left + right)
+        dummy = grad_output.new_empty(1).expand(padded_shape)
+        grad = torch.ops.aten.convolution_backward(
+            grad_output, dummy, weight, None, list(self.stride), [0, 0], list(self.dilation),
+            False, [0, 0], self.groups, [True, False, False],
+        )[0]
+        return grad[:, :, top : top + height, left : left + width]
+
+    def weight_grad(
+        self, inputs: torch.Tensor, grad_output: torch.Tensor, weight_shape, groups: int, padded: bool
+    ) -> torch.Tensor:
+        """dL/dW from ``inputs (N, C_in, H, W)`` (or already padded ``(N, C_in, Hp, Wp)`` when ``padded``)
+        and ``grad_output (N, C', H', W')``.
+
+        ``weight_shape[1] · groups`` must equal ``C_in``; ``N`` may be a compressed batch (the rows of a
+        batch factor) and ``C_in`` a compressed channel mode (then ``groups`` is 1).
+        """
+        top, bottom, left, right = self.padding
+        if not padded and not self.symmetric:
+            inputs, padded = F.pad(inputs, (left, right, top, bottom)), True
+        padding = [0, 0] if padded else [top, left]
+        dummy = inputs.new_empty(1).expand(tuple(weight_shape))
+        return torch.ops.aten.convolution_backward(
+            grad_output, inputs, dummy, None, list(self.stride), padding, list(self.dilation),
+            False, [0, 0], groups, [False, True, False],
+        )[1]
+
+    def macs(self, batch: int, out_h: int, out_w: int) -> int:
+        """Multiply-adds of one forward pass."""
+        return batch * self.out_channels * out_h * out_w * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
+    """Normalise an ``nn.Conv2d`` (int, per-axis or ``'same'``/``'valid'`` padding) into explicit geometry."""
+    if conv.padding_mode != "zeros":
+        raise NotImplementedError(
+            f"padding_mode={conv.padding_mode!r} is not supported by the compressed layers "
+            "(only zero padding is); leave this layer uncompressed or use method 'vanilla'."
+        )
+    kh, kw = _pair(conv.kernel_size)
+    dilation = _pair(conv.dilation)
+    stride = _pair(conv.stride)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            pads = (0, 0, 0, 0)
+        else:  # 'same' (stride 1): total d·(k-1), the extra pixel goes bottom/right as in PyTorch
+            total_h, total_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+    else:
+        ph, pw = _pair(conv.padding)
+        pads = (ph, ph, pw, pw)
+    return ConvGeometry(conv.in_channels, conv.out_channels, (kh, kw), stride, dilation, pads, conv.groups)

@@ -1,0 +1,159 @@
+"""What every activation-compression method implements: what to store in forward, how to get dW.
+
+A method object belongs to exactly one :class:`engine.layers.CompressedLayer` (it may keep state in
+that layer's buffers so that checkpoints carry it). Everything here runs on detached tensors under
+``no_grad`` (the autograd Function's forward and backward already are).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from engine import functional as Fn
+from engine import tensor_ops as T
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.layers import CompressedLayer
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Stash:
+    """What a method keeps from forward to backward.
+
+    tensors: saved with ``ctx.save_for_backward`` (measured by the saved-bytes meter).
+    meta: plain Python values (which factors exist, ranks, FLOPs of the compression work, energy).
+    """
+
+    tensors: list[Tensor]
+    meta: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and implement :meth:`compress` and :meth:`weight_grad`."""
+
+    name = "base"
+    exact_input_grad = True
+    #: buffer names this method registers on its layer (resized when a checkpoint is loaded)
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, layer_name: str = "", seed: int = 0):
+        self.layer_name = layer_name
+        self.seed = seed
+
+    def setup(self, layer: "CompressedLayer") -> None:
+        """Register state buffers on ``layer`` (called once, at surgery)."""
+
+    def compress(self, layer: "CompressedLayer", x: Tensor) -> Stash:
+        raise NotImplementedError
+
+    def weight_grad(self, layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict, grad_output: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def input_grad(self, layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict, grad_output: Tensor,
+                   weight: Tensor, input_shape: torch.Size) -> Tensor:
+        return layer.exact_input_grad(grad_output, weight, input_shape)
+
+    def describe(self) -> dict:
+        return {"method": self.name}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the Tucker methods (HOSVD, ASI, LANCE)
+# ---------------------------------------------------------------------------------------------
+
+
+def tucker_stash(core: Tensor, factors: Sequence[Tensor | None], meta: dict) -> Stash:
+    """Pack ``core`` + present factors; ``meta['factor_modes']`` records which modes have one."""
+    present = [m for m, f in enumerate(factors) if f is not None]
+    meta = dict(meta)
+    meta["factor_modes"] = present
+    meta["ndim"] = core.dim()
+    tensors = [T.compact(core)] + [T.compact(factors[m]) for m in present]
+    return Stash(tensors, meta)
+
+
+def unpack_tucker(tensors: Sequence[Tensor], meta: dict) -> tuple[Tensor, list[Tensor | None]]:
+    core = tensors[0]
+    factors: list[Tensor | None] = [None] * meta["ndim"]
+    for m, t in zip(meta["factor_modes"], tensors[1:]):
+        factors[m] = t
+    return core, factors
+
+
+def tucker_weight_grad(layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict, grad_output: Tensor) -> Tensor:
+    core, factors = unpack_tucker(tensors, meta)
+    if layer.kind == "conv":
+        return Fn.conv_weight_grad(core, factors, grad_output, layer.geometry, layer.weight.shape)
+    return Fn.linear_weight_grad(core, factors, grad_output)
+
+
+def projection_order(shape: Sequence[int], ranks: dict[int, int]) -> list[int]:
+    """Order of the modes to project one after another at the least cost.
+
+    Projecting mode m costs ∝ (current size)·r_m and shrinks the tensor by r_m/D_m; with at most three
+    modes the best of all orders is found by enumeration.
+    """
+    modes = [m for m, r in ranks.items() if r < shape[m]]
+    best, best_cost = modes, math.inf
+    for perm in itertools.permutations(modes):
+        size, cost = 1.0, 0.0
+        for m in perm:
+            cost += size * ranks[m]
+            size *= ranks[m] / shape[m]
+        if cost < best_cost:
+            best, best_cost = list(perm), cost
+    return best
+
+
+def contract_except(x: Tensor, y: Tensor, mode: int) -> Tensor:
+    """``x_(m) y_(m)ᵀ``: x ``(…, D, …)``, y ``(…, r, …)`` (same other modes) → ``(D, r)``. 2·numel(x)·r FLOPs."""
+    a = math.prod(x.shape[:mode])
+    b = math.prod(x.shape[mode + 1 :])
+    d, r = x.shape[mode], y.shape[mode]
+    if a == 1:
+        return x.reshape(d, b) @ y.reshape(r, b).T
+    if b == 1:
+        return x.reshape(a, d).T @ y.reshape(a, r)
+    return torch.einsum("adb,arb->dr", x.reshape(a, d, b), y.reshape(a, r, b))
+
+
+def batch_factor(y: Tensor, rank: int) -> tuple[Tensor | None, int]:
+    """The batch factor derived per step from a tensor already shrunk in its other modes.
+
+    y ``(B, …)`` → (``U_B (B, r)`` orthonormal, leading left singular vectors; or ``None`` when the
+    batch mode is kept whole because ``rank ≥ B``), FLOPs spent. Works for any batch size: this is
+    how a smaller last batch and batch 1 are handled by every Tucker method.
+    """
+    batch = y.shape[0]
+    if rank >= batch:
+        return None, 0
+    m = y.reshape(batch, -1)
+    n = m.shape[1]
+    if n < rank:  # the batch mode has rank ≤ n: keeping n directions is exact and smaller
+        rank = n
+    if batch <= n:
+        gram = m @ m.T
+        basis = T.leading_subspace(gram, rank)
+        flops = 2 * batch * batch * n + 9 * batch**3
+    else:
+        gram = m.T @ m
+        v = T.leading_subspace(gram, rank)
+        basis = T.orth(m @ v)
+        flops = 2 * batch * n * n + 9 * n**3 + 2 * batch * n * rank + 2 * batch * rank * rank
+    return basis, flops
+
+
+def energy_ratio(core: Tensor, x: Tensor) -> float:
+    """‖core‖²/‖x‖²: the share of the activation's energy the orthonormal factors capture."""
+    total = float(x.pow(2).sum())
+    return float(core.pow(2).sum()) / total if total > 0 else 1.0
+
+
+def effective_ranks(shape: Sequence[int], factors: Sequence[Tensor | None]) -> list[int]:
+    return [int(shape[m]) if f is None else int(f.shape[1]) for m, f in enumerate(factors)]

@@ -1,0 +1,248 @@
+"""The Tucker methods: HOSVD_ε (per-step energy ranks), ASI (fixed ranks, warm-started subspace
+iteration) and LANCE (fixed factors from a one-shot calibration).
+
+Modes follow the activation: conv ``(B, C, H, W)``; linear ``(B, F)``, ``(B, L, F)``, ``(B, H, W, F)``.
+The non-batch modes have fixed sizes, so their factors can be kept across steps (ASI's warm state,
+LANCE's calibrated subspace). The batch mode is handled the same way by all three for any batch size:
+its factor is derived in every step from the tensor already projected in the other modes (a Gram of
+at most ``B×B`` on a tensor that is ``Π D_m/r_m`` times smaller than the activation); a batch rank at or
+above the batch size keeps the batch mode whole (exact).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+import torch
+
+from engine import functional as Fn
+from engine import tensor_ops as T
+from engine.methods.base import (
+    Method, Stash, batch_factor, contract_except, effective_ranks, energy_ratio, projection_order,
+    tucker_stash, tucker_weight_grad,
+)
+
+Tensor = torch.Tensor
+
+
+def _check_ranks(layer_name: str, ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    if len(ranks) != len(shape):
+        raise ValueError(
+            f"layer {layer_name!r}: {len(ranks)} ranks given for an activation of shape {tuple(shape)} "
+            f"({len(shape)} modes, batch first); give one rank per mode"
+        )
+    if any(int(r) < 1 for r in ranks):
+        raise ValueError(f"layer {layer_name!r}: ranks must be positive integers, got {tuple(ranks)}")
+    return tuple(min(int(r), int(d)) for r, d in zip(ranks, shape))
+
+
+def _check_eps(eps: float, method: str) -> float:
+    eps = float(eps)
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"{method}: energy threshold eps must be in (0, 1], got {eps}")
+    return eps
+
+
+class _TuckerMethod(Method):
+    def weight_grad(self, layer, tensors, meta, grad_output):
+        return tucker_weight_grad(layer, tensors, meta, grad_output)
+
+    @staticmethod
+    def _finish(x: Tensor, y: Tensor, factors: list, batch_rank: int, flops: int, track_energy: bool) -> Stash:
+        """Project the batch mode of the partly projected ``y`` and pack the stash."""
+        u_batch, batch_flops = batch_factor(y, batch_rank)
+        if u_batch is not None:
+            y = T.mode_product(y, u_batch, 0)
+            batch_flops += 2 * y.numel() * x.shape[0]
+        factors[0] = u_batch
+        meta = {
+            "ranks": effective_ranks(x.shape, factors),
+            "flops_compress": int(flops + batch_flops),
+        }
+        if track_energy:
+            meta["captured_energy"] = energy_ratio(y, x)
+        return tucker_stash(y, factors, meta)
+
+
+class HOSVD(_TuckerMethod):
+    """HOSVD_ε: every step, every mode's Gram is eigendecomposed and truncated at energy ε."""
+
+    name = "hosvd"
+
+    def __init__(self, layer_name: str = "", seed: int = 0, eps: float = 0.8, track_energy: bool = True):
+        super().__init__(layer_name, seed)
+        self.eps = _check_eps(eps, "hosvd")
+        self.track_energy = track_energy
+
+    def describe(self) -> dict:
+        return {"method": self.name, "eps": self.eps}
+
+    def compress(self, layer, x: Tensor) -> Stash:
+        shape = x.shape
+        factors: list[Tensor | None] = [None] * x.dim()
+        flops = 0
+        ranks = {}
+        for mode in range(x.dim()):
+            d = shape[mode]
+            values, vectors = T.gram_eigh(T.mode_gram(x, mode))
+            flops += 2 * x.numel() * d + 9 * d**3
+            r = T.rank_for_energy(values, self.eps)
+            ranks[mode] = r
+            if r < d:
+                factors[mode] = vectors[:, :r].contiguous()
+        y = x
+        for mode in projection_order(shape, {m: r for m, r in ranks.items() if m > 0}):
+            flops += 2 * y.numel() * ranks[mode]
+            y = T.mode_product(y, factors[mode], mode)
+        if factors[0] is not None:
+            flops += 2 * y.numel() * ranks[0]
+            y = T.mode_product(y, factors[0], 0)
+        meta = {"ranks": effective_ranks(shape, factors), "flops_compress": int(flops)}
+        if self.track_energy:
+            meta["captured_energy"] = energy_ratio(y, x)
+        return tucker_stash(y, factors, meta)
+
+
+class ASI(_TuckerMethod):
+    """ASI: fixed per-mode ranks; each step one warm-started subspace-iteration step per mode.
+
+    Warm factors live in the layer's buffers ``asi_factor_<mode>`` (checkpointed). ``sequential=True``
+    (default) projects each mode as soon as its factor is known, cheapest order first, so later modes
+    work on a smaller tensor; ``False`` iterates every mode on the full activation.
+    """
+
+    name = "asi"
+    state_names = ("asi_factor_1", "asi_factor_2", "asi_factor_3", "asi_steps")
+
+    def __init__(self, layer_name: str = "", seed: int = 0, ranks: Sequence[int] | None = None,
+                 sequential: bool = True, track_energy: bool = True):
+        super().__init__(layer_name, seed)
+        self.ranks = tuple(int(r) for r in ranks) if ranks is not None else None
+        self.sequential = bool(sequential)
+        self.track_energy = track_energy
+        self._generators: dict[str, torch.Generator] = {}
+
+    def describe(self) -> dict:
+        return {"method": self.name, "ranks": list(self.ranks) if self.ranks else "default",
+                "sequential": self.sequential}
+
+    def setup(self, layer) -> None:
+        for mode in (1, 2, 3):
+            layer.register_buffer(f"asi_factor_{mode}", None)
+        layer.register_buffer("asi_steps", torch.zeros((), dtype=torch.long))
+
+    def resolve_ranks(self, layer, shape: Sequence[int]) -> tuple[int, ...]:
+        ranks = self.ranks if self.ranks is not None else Fn.default_asi_ranks(shape, layer.kind)
+        return _check_ranks(self.layer_name, ranks, shape)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.layer_name.encode())) % (2**63))
+            self._generators[key] = g
+        return self._generators[key]
+
+    def compress(self, layer, x: Tensor) -> Stash:
+        shape = x.shape
+        ranks = self.resolve_ranks(layer, shape)
+        order = projection_order(shape, {m: ranks[m] for m in range(1, x.dim())})
+        factors: list[Tensor | None] = [None] * x.dim()
+        y, flops = x, 0
+        for mode in order:
+            source = y if self.sequential else x
+            d, r = shape[mode], ranks[mode]
+            prev = layer._buffers.get(f"asi_factor_{mode}")
+            if prev is None or tuple(prev.shape) != (d, r):
+                sketch_shape = list(source.shape)
+                sketch_shape[mode] = r
+                probe = torch.randn(sketch_shape, generator=self._generator(x.device), device=x.device, dtype=x.dtype)
+                flops += 2 * source.numel() * r
+            else:
+                probe = T.mode_product(source, prev.to(dtype=x.dtype, device=x.device), mode)
+                flops += 4 * source.numel() * r
+            u = T.orth(contract_except(source, probe, mode))
+            flops += 2 * source.numel() * r + 2 * d * r * r
+            layer._buffers[f"asi_factor_{mode}"] = u
+            factors[mode] = u
+            if self.sequential:
+                flops += 2 * y.numel() * r
+                y = T.mode_product(y, u, mode)
+        if not self.sequential:
+            for mode in order:
+                flops += 2 * y.numel() * ranks[mode]
+                y = T.mode_product(y, factors[mode], mode)
+        layer.asi_steps += 1
+        return self._finish(x, y, factors, ranks[0], flops, self.track_energy)
+
+
+class LANCE(_TuckerMethod):
+    """LANCE: factors of the non-batch modes fixed by a one-shot calibration; training only projects.
+
+    Calibration (:func:`engine.methods.calibration.calibrate_layers`) accumulates each mode's Gram as a
+    true mean over every calibration sample and keeps the rank reaching energy ``eps`` (or fixed
+    ``ranks``). ``batch_mode='factor'`` (default) derives a batch factor of the calibrated batch rank per
+    step from the already projected tensor; ``'keep'`` leaves the batch mode whole.
+    """
+
+    name = "lance"
+    state_names = ("lance_factor_1", "lance_factor_2", "lance_factor_3", "lance_batch_rank", "lance_calibrated")
+
+    def __init__(self, layer_name: str = "", seed: int = 0, eps: float = 0.7, ranks: Sequence[int] | None = None,
+                 batch_mode: str = "factor", track_energy: bool = True):
+        super().__init__(layer_name, seed)
+        self.eps = _check_eps(eps, "lance")
+        self.ranks = tuple(int(r) for r in ranks) if ranks is not None else None
+        if batch_mode not in ("factor", "keep"):
+            raise ValueError(f"lance batch_mode must be 'factor' or 'keep', got {batch_mode!r}")
+        self.batch_mode = batch_mode
+        self.track_energy = track_energy
+
+    def describe(self) -> dict:
+        return {"method": self.name, "eps": self.eps, "ranks": list(self.ranks) if self.ranks else None,
+                "batch_mode": self.batch_mode}
+
+    def setup(self, layer) -> None:
+        for mode in (1, 2, 3):
+            layer.register_buffer(f"lance_factor_{mode}", None)
+        layer.register_buffer("lance_batch_rank", torch.zeros((), dtype=torch.long))
+        layer.register_buffer("lance_calibrated", None)
+
+    def set_calibration(self, layer, calibration) -> None:
+        """Fix the factors from a :class:`engine.methods.calibration.ModeStatistics`."""
+        shape = calibration.shape
+        if self.ranks is not None:
+            ranks = _check_ranks(self.layer_name, self.ranks, shape)
+        else:
+            ranks = calibration.ranks_at(self.eps)
+        for mode in range(1, len(shape)):
+            layer._buffers[f"lance_factor_{mode}"] = (
+                None if ranks[mode] >= shape[mode] else calibration.factor(mode, ranks[mode])
+            )
+        layer.lance_batch_rank.fill_(int(ranks[0]))
+        layer._buffers["lance_calibrated"] = torch.ones((), dtype=torch.bool)
+
+    def compress(self, layer, x: Tensor) -> Stash:
+        if layer._buffers.get("lance_calibrated") is None:
+            raise RuntimeError(
+                f"LANCE layer {self.layer_name!r} has no calibrated subspace: pass calibration_loader= "
+                "to engine.compress_model (or call engine.methods.calibration.calibrate_layers first)"
+            )
+        factors: list[Tensor | None] = [None] * x.dim()
+        ranks = {}
+        for mode in range(1, x.dim()):
+            f = layer._buffers.get(f"lance_factor_{mode}")
+            if f is not None:
+                if f.shape[0] != x.shape[mode]:
+                    raise ValueError(
+                        f"LANCE layer {self.layer_name!r}: calibrated for mode {mode} of size {f.shape[0]}, "
+                        f"got an input of shape {tuple(x.shape)}; recalibrate at this resolution"
+                    )
+                factors[mode] = f
+                ranks[mode] = f.shape[1]
+        y, flops = x, 0
+        for mode in projection_order(x.shape, ranks):
+            flops += 2 * y.numel() * ranks[mode]
+            y = T.mode_product(y, factors[mode], mode)
+        batch_rank = int(layer.lance_batch_rank) if self.batch_mode == "factor" else x.shape[0]
+        return self._finish(x, y, factors, batch_rank, flops, self.track_energy)

@@ -1,0 +1,120 @@
+"""Pure tensor algebra for Tucker compression: unfoldings, mode products, Grams, energy ranks.
+
+Notation follows methods.md §1: for ``x`` of shape ``(D_0, …, D_{n-1})`` the mode-``m`` unfolding is
+``x_(m) ∈ R^{D_m × Π_{j≠m} D_j}``; ``mode_product(x, U, m)`` contracts mode ``m`` of ``x`` with the
+*first* index of ``U`` (``U: (D_m, r)`` gives a tensor whose mode ``m`` has size ``r``), i.e. it
+computes ``x ×_m Uᵀ`` in the usual textbook notation: a projection onto the columns of ``U``.
+``mode_expand(x, U, m)`` is the opposite contraction (``x ×_m U``: mode ``m`` goes from ``r`` to ``D_m``).
+
+All functions avoid ``movedim`` copies: a tensor is viewed as ``(a, D_m, b)`` and contracted with
+one batched matmul, which reads the input once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _split(shape: torch.Size, mode: int) -> tuple[int, int, int]:
+    """(a, D_m, b) with a = Π_{j<m} D_j and b = Π_{j>m} D_j."""
+    a = math.prod(shape[:mode])
+    b = math.prod(shape[mode + 1 :])
+    return a, shape[mode], b
+
+
+def unfold(x: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` unfolding ``(D_m, Π_{j≠m} D_j)`` (a copy unless ``mode == 0``)."""
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+def fold(matrix: Tensor, mode: int, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`unfold`: ``(D_m, Π_{j≠m} D_j)`` back to ``shape``."""
+    moved = [shape[mode]] + [d for j, d in enumerate(shape) if j != mode]
+    return matrix.reshape(moved).movedim(0, mode)
+
+
+def mode_gram(x: Tensor, mode: int) -> Tensor:
+    """``x_(m) x_(m)ᵀ``: ``(D_m, D_m)``. Cost 2·numel·D_m FLOPs."""
+    a, d, b = _split(x.shape, mode)
+    if a == 1:
+        m = x.reshape(d, b)
+        return m @ m.T
+    if b == 1:
+        m = x.reshape(a, d)
+        return m.T @ m
+    x3 = x.reshape(a, d, b)
+    return torch.einsum("adb,aeb->de", x3, x3)
+
+
+def mode_product(x: Tensor, factor: Tensor, mode: int) -> Tensor:
+    """Project mode ``mode`` onto the columns of ``factor``.
+
+    x: ``(…, D_m, …)``, factor: ``(D_m, r)`` → ``(…, r, …)``. Cost 2·numel·r FLOPs.
+    """
+    a, d, b = _split(x.shape, mode)
+    r = factor.shape[1]
+    out_shape = x.shape[:mode] + (r,) + x.shape[mode + 1 :]
+    if b == 1:
+        return (x.reshape(a, d) @ factor).reshape(out_shape)
+    if a == 1:
+        return (factor.T @ x.reshape(d, b)).reshape(out_shape)
+    return torch.matmul(factor.T, x.reshape(a, d, b)).reshape(out_shape)
+
+
+def mode_expand(x: Tensor, factor: Tensor, mode: int) -> Tensor:
+    """Lift mode ``mode`` from ``r`` back to ``D_m``: x ``(…, r, …)``, factor ``(D_m, r)`` → ``(…, D_m, …)``."""
+    return mode_product(x, factor.T, mode)
+
+
+def multi_mode_product(x: Tensor, factors: dict[int, Tensor], order: list[int] | None = None) -> Tensor:
+    """Project several modes in turn (``order`` defaults to ascending mode index)."""
+    for mode in order if order is not None else sorted(factors):
+        x = mode_product(x, factors[mode], mode)
+    return x
+
+
+def rank_for_energy(eigenvalues_desc: Tensor, eps: float) -> int:
+    """Smallest ``r`` with ``Σ_{i<r} λ_i ≥ eps · Σ λ`` (eigenvalues of a Gram = σ², descending).
+
+    ``eps >= 1`` keeps every direction; a zero tensor keeps one.
+    """
+    n = eigenvalues_desc.numel()
+    if eps >= 1.0:
+        return n
+    lam = eigenvalues_desc.clamp_min(0).double()
+    total = lam.sum()
+    if total <= 0:
+        return 1
+    cumulative = torch.cumsum(lam, 0) / total
+    r = int(torch.searchsorted(cumulative, torch.tensor(eps, dtype=cumulative.dtype)).item()) + 1
+    return max(1, min(r, n))
+
+
+def gram_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a symmetric PSD Gram, descending: eigenvalues ``(D,)``, vectors ``(D, D)``."""
+    values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0), vectors.flip(1)
+
+
+def leading_subspace(gram: Tensor, rank: int) -> Tensor:
+    """Orthonormal ``(D, rank)`` basis of the leading eigenvectors of ``gram`` (a compact copy)."""
+    _, vectors = gram_eigh(gram)
+    return vectors[:, :rank].contiguous()
+
+
+def orth(matrix: Tensor) -> Tensor:
+    """Reduced QR: an orthonormal basis ``(m, k)`` of the columns of ``matrix (m, k)``."""
+    return torch.linalg.qr(matrix, mode="reduced").Q
+
+
+def compact(t: Tensor) -> Tensor:
+    """A contiguous tensor whose storage holds exactly its elements (views of larger storages are copied).
+
+    Saved tensors are measured by storage, so anything kept for backward goes through this.
+    """
+    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+    return t
