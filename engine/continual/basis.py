@@ -1,0 +1,138 @@
+"""Protected bases and calibrated factors for continual learning (pure functions on Gram matrices).
+
+Every function here works on a layer's *feature Gram* ``M = Σ_n x_n x_nᵀ`` (shape ``(D, D)``, float64),
+where ``x_n`` are the layer's input feature vectors: for a linear layer the rows of its input
+(``D = F``), for a conv the im2col patches at every output position (``D = C·kh·kw``).
+
+* :func:`extend_basis` — GPM's rule (Saha et al., ICLR 2021), used after every task by ``lance`` and
+  ``gpm``: add the leading residual directions of the new task until the *total* captured energy of
+  the task's activations reaches ``eps_cl``.
+* :func:`residual_factor` — LANCE's calibration before task ``t``: the leading directions of the
+  residual ``(I − P Pᵀ) A`` up to energy ``eps`` of the residual, hence ``U ⊥ span(P)``.
+* :func:`plain_factor` — the plain energy rule (any mode, no protection).
+"""
+from __future__ import annotations
+
+import torch
+
+# Eigenvalues below this fraction of the largest one are numerical noise of the Gram: never a direction.
+NOISE_RELATIVE = 1e-10
+
+
+def eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a symmetric PSD ``(D, D)`` matrix, largest first, in float64.
+
+    Returns ``(eigenvalues (D,), eigenvectors (D, D))``; negative round-off eigenvalues are clamped to 0.
+    """
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"a Gram matrix must be square, got shape {tuple(gram.shape)}")
+    sym = 0.5 * (gram.double() + gram.double().T)
+    values, vectors = torch.linalg.eigh(sym)
+    values = values.flip(0).clamp_min(0.0)
+    vectors = vectors.flip(1)
+    return values, vectors
+
+
+def _significant(values: torch.Tensor) -> int:
+    """How many leading eigenvalues are above the numerical noise floor."""
+    if values.numel() == 0 or float(values[0]) <= 0.0:
+        return 0
+    return int((values > NOISE_RELATIVE * float(values[0])).sum())
+
+
+def rank_for_energy(values: torch.Tensor, eps: float, total: float | None = None, captured: float = 0.0) -> int:
+    """Smallest ``r`` with ``(captured + Σ_{i<r} values[i]) / total >= eps`` (values descending, ≥ 0).
+
+    ``total`` defaults to ``values.sum()``; ``captured`` is energy already held elsewhere (GPM's
+    protected part). Directions at the noise floor are never counted, so ``eps = 1`` keeps exactly the
+    numerically non-zero ones. Returns 0 when ``captured`` alone reaches ``eps``.
+    """
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"energy threshold must be in (0, 1], got {eps}")
+    total = float(values.sum()) if total is None else float(total)
+    if total <= 0.0:
+        return 0
+    usable = _significant(values)
+    running = captured
+    for r in range(usable):
+        if running / total >= eps - 1e-12:
+            return r
+        running += float(values[r])
+    return usable
+
+
+def _orthonormal_complement_part(vectors: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """Project ``vectors (D, k)`` off ``span(basis)`` twice (numerical safety) and orthonormalise."""
+    if vectors.shape[1] == 0:
+        return vectors
+    out = vectors
+    if basis is not None and basis.shape[1] > 0:
+        b = basis.to(out.dtype)
+        for _ in range(2):
+            out = out - b @ (b.T @ out)
+    q, _ = torch.linalg.qr(out, mode="reduced")
+    return q
+
+
+def residual_gram(gram: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """``(I − P Pᵀ) M (I − P Pᵀ)`` in float64; ``M`` itself when the basis is empty."""
+    m = gram.double()
+    if basis is None or basis.shape[1] == 0:
+        return m
+    p = basis.double()
+    mp = m @ p
+    return m - mp @ p.T - p @ mp.T + p @ (p.T @ mp) @ p.T
+
+
+def extend_basis(basis: torch.Tensor | None, gram: torch.Tensor, eps_cl: float) -> tuple[torch.Tensor, dict]:
+    """GPM's energy rule: extend ``basis (D, k)`` with the new task's leading residual directions.
+
+    ``gram``: the new task's feature Gram ``(D, D)``. Directions are added until
+    ``(‖P Pᵀ A‖² + Σ added σ²) / ‖A‖² >= eps_cl``; none when the old basis already holds that much.
+    Returns ``(new_basis (D, k'), info)`` with ``info = {"added", "rank", "dim", "captured_before"}``.
+    The result is orthonormal (float32) and never exceeds ``D`` columns.
+    """
+    dim = gram.shape[0]
+    old = torch.zeros(dim, 0, dtype=torch.float64) if basis is None else basis.double()
+    total = float(torch.trace(gram.double()))
+    res = residual_gram(gram, old)
+    residual_energy = float(torch.trace(res))
+    captured_before = (total - residual_energy) / total if total > 0 else 1.0
+    values, vectors = eigh_descending(res)
+    added = rank_for_energy(values, eps_cl, total=total, captured=total - residual_energy)
+    added = min(added, dim - old.shape[1])
+    new = _orthonormal_complement_part(vectors[:, :added], old)
+    out = torch.cat([old, new], dim=1).float()
+    return out, {"added": int(added), "rank": int(out.shape[1]), "dim": int(dim), "captured_before": captured_before}
+
+
+def residual_factor(gram: torch.Tensor, basis: torch.Tensor | None, eps: float, max_rank: int | None = None) -> torch.Tensor:
+    """LANCE's feature factor ``U (D, r)`` for the next task, orthonormal and ``⊥ span(basis)``.
+
+    ``r`` is the smallest rank reaching energy ``eps`` of the *residual* ``(I − P Pᵀ) A``; at least 1
+    while the residual is numerically non-zero, and 0 (an empty ``(D, 0)`` factor: the layer cannot
+    learn) when the protected basis already spans every direction of the new data.
+    """
+    res = residual_gram(gram, basis)
+    values, vectors = eigh_descending(res)
+    if basis is not None and basis.shape[1] > 0:
+        # directions the protected basis spans have (numerically) zero residual energy; judge noise
+        # against the raw data's energy, not the residual's largest eigenvalue
+        floor = NOISE_RELATIVE * float(torch.linalg.eigvalsh(gram.double()).max().clamp_min(0.0))
+        keep = int((values > max(floor, 0.0)).sum())
+        values = values[:keep]
+    r = rank_for_energy(values, eps) if values.numel() else 0
+    if float(values.sum()) > 0.0:
+        r = max(r, 1)
+    if max_rank is not None:
+        r = min(r, max_rank)
+    return _orthonormal_complement_part(vectors[:, :r], basis).float()
+
+
+def plain_factor(gram: torch.Tensor, eps: float, max_rank: int | None = None) -> torch.Tensor:
+    """The plain energy rule: ``U (D, r)``, the leading eigenvectors of ``gram`` reaching energy ``eps``."""
+    values, vectors = eigh_descending(gram)
+    r = max(rank_for_energy(values, eps), 1 if float(values.sum()) > 0 else 0)
+    if max_rank is not None:
+        r = min(r, max_rank)
+    return vectors[:, :r].float().contiguous()

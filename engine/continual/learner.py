@@ -1,0 +1,318 @@
+"""One continual learner: LANCE (orthogonal compressed subspaces), GPM, or plain fine-tuning.
+
+The model is any multi-head network with ``forward(x, task)`` and a ``heads`` container (one classifier
+per task). :func:`prepare_model` swaps every ``nn.Conv2d``/``nn.Linear`` for a :class:`CLConv2d` /
+:class:`CLLinear` sharing its Parameters; head layers are marked unprotected.
+
+Rules that keep old tasks' outputs fixed (``lance`` and ``gpm``, tasks ``t >= 1``):
+
+* protected conv/linear weights move only orthogonally to ``span(P)`` (GPM: gradient projected;
+  LANCE: the compressed gradient already lies in ``span(U_F)``, ``U_F ⊥ P``);
+* every other shared parameter — conv/linear biases, BatchNorm affine parameters — trains in task 0
+  only, and BatchNorm layers are switched to eval mode (running statistics frozen) after task 0;
+* old heads never receive a gradient (the loss only involves head ``t``).
+
+``finetune`` trains everything, BatchNorm in train mode, every task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .basis import extend_basis, plain_factor, residual_factor
+from .layers import CLConv2d, CLLinear
+
+METHODS = ("lance", "gpm", "finetune")
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class ContinualConfig:
+    """Hyper-parameters of one continual-learning run (all methods share the training ones)."""
+
+    method: str = "lance"
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.0
+    batch_size: int = 64
+    eps: float = 0.9                  # LANCE: energy of the residual kept by U_F
+    spatial_eps: float | None = 0.9   # LANCE: energy for the conv output-grid modes; None = uncompressed
+    eps_cl: float = 0.97              # GPM rule: eps_cl(t) = eps_cl + t * eps_cl_step
+    eps_cl_step: float = 0.0
+    calibration_batches: int = 8      # LANCE: batches of task t used to calibrate its factors
+    basis_samples: int = 125          # examples of task t whose activations extend P (GPM uses 125)
+    compress_first_task: bool = True  # LANCE: task 0 trained compressed too (else full activations)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown continual method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("eps", "eps_cl"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.spatial_eps is not None and not 0.0 < self.spatial_eps <= 1.0:
+            raise ValueError(f"spatial_eps must be in (0, 1] or None, got {self.spatial_eps}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+    def eps_cl_at(self, task: int) -> float:
+        return min(1.0, self.eps_cl + task * self.eps_cl_step)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _head_module_names(model: nn.Module) -> set[str]:
+    heads = getattr(model, "heads", None)
+    if heads is None:
+        raise ValueError("a continual-learning model needs a `heads` attribute (one classifier per task) "
+                         "and forward(x, task); build it with engine.models.build_multihead")
+    names = set()
+    for name, module in model.named_modules():
+        if name == "heads" or name.startswith("heads."):
+            names.add(name)
+    return names
+
+
+def prepare_model(model: nn.Module) -> dict[str, nn.Module]:
+    """Swap every conv/linear for its CL version in place; returns ``{name: layer}`` in definition order."""
+    heads = _head_module_names(model)
+    layers: dict[str, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (CLConv2d, CLLinear)):
+            layers[name] = module
+            continue
+        if type(module) is nn.Conv2d:
+            new = CLConv2d.from_conv(module, protected=name not in heads, name=name)
+        elif type(module) is nn.Linear:
+            new = CLLinear.from_linear(module, protected=name not in heads, name=name)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        layers[name] = new
+    if not any(layer.protected for layer in layers.values()):
+        raise ValueError("the model has no conv/linear layer outside its heads: nothing to learn continually")
+    return layers
+
+
+def _cl_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (CLConv2d, CLLinear))}
+
+
+def _inputs(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class _FeatureGrams:
+    """Forward hooks that accumulate each CL layer's feature Gram ``Σ x xᵀ`` (float64, ``(D, D)``)."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._handles = []
+
+    def __enter__(self) -> "_FeatureGrams":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            feats = module.unfold_features(args[0].detach()).double()  # (N, D)
+            gram = feats.T @ feats
+            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+            self.rows[name] = self.rows.get(name, 0) + feats.shape[0]
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class _SpatialGrams:
+    """Forward hooks on convs: mode-H and mode-W Grams of the feature-projected patches ``(B, r, H', W')``."""
+
+    def __init__(self, layers: dict[str, CLConv2d]):
+        self.layers = layers
+        self.h: dict[str, torch.Tensor] = {}
+        self.w: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> "_SpatialGrams":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+            u = module.u_feat
+            c_in, (kh, kw) = module.in_channels, module.kernel_size
+            filters = u.t().reshape(u.shape[1], c_in, kh, kw)
+            core = torch.nn.functional.conv2d(x, filters, None, module.stride, module.padding, module.dilation).double()
+            gh = torch.einsum("brhw,brgw->hg", core, core)
+            gw = torch.einsum("brhw,brhv->wv", core, core)
+            self.h[name] = self.h[name] + gh if name in self.h else gh
+            self.w[name] = self.w[name] + gw if name in self.w else gw
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class ContinualLearner:
+    """Holds a prepared multi-head model and applies one method's rules task after task."""
+
+    def __init__(self, model: nn.Module, config: ContinualConfig, device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.layers = prepare_model(self.model)
+        self.model.to(self.device)
+
+    # ---- which parameters train -------------------------------------------------------------
+    @property
+    def protects(self) -> bool:
+        return self.config.method in ("lance", "gpm")
+
+    def _is_head_param(self, name: str, task: int) -> bool:
+        return name.startswith(f"heads.{task}.")
+
+    def configure_task(self, task: int) -> list[nn.Parameter]:
+        """Set ``requires_grad``, BatchNorm modes and storage for training ``task``; returns trainable params."""
+        model = self.model
+        trainable = []
+        protected_weights = {id(l.weight) for l in self.layers.values() if l.protected}
+        for name, p in model.named_parameters():
+            if name.startswith("heads."):
+                train = self._is_head_param(name, task)
+            elif not self.protects or task == 0:
+                train = True
+            else:
+                train = id(p) in protected_weights
+            p.requires_grad_(train)
+            if train:
+                trainable.append(p)
+        compress = self.config.method == "lance" and (task > 0 or self.config.compress_first_task)
+        for layer in self.layers.values():
+            layer.storage = "lance" if compress else "full"
+        return trainable
+
+    def train_mode(self, task: int) -> None:
+        self.model.train()
+        if self.protects and task > 0:
+            for m in self.model.modules():
+                if isinstance(m, _BN):
+                    m.eval()
+
+    # ---- LANCE calibration (before a task) ----------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, task: int, batches: Iterable) -> dict[str, tuple[int, ...]]:
+        """Fit ``U_F ⊥ P`` (and spatial factors) for every layer used by ``task``; returns ranks."""
+        cfg = self.config
+        if cfg.method != "lance" or (task == 0 and not cfg.compress_first_task):
+            return {}
+        batches = list(batches)
+        if not batches:
+            raise ValueError(f"no calibration batches for task {task}: the task's training set is empty")
+        was_training = self.model.training
+        bn_state = self._forward_as_in_training(task)
+        with _FeatureGrams(self.layers) as grams:
+            for batch in batches:
+                self.model(_inputs(batch).to(self.device), task)
+        for name, gram in grams.grams.items():
+            layer = self.layers[name]
+            basis = layer.protected_basis.cpu() if layer.protected else None
+            mean_gram = gram / max(grams.rows[name], 1)
+            layer.set_factors(residual_factor(mean_gram, basis, cfg.eps))
+        convs = {n: l for n, l in self.layers.items() if isinstance(l, CLConv2d) and n in grams.grams}
+        if cfg.spatial_eps is not None and convs:
+            with _SpatialGrams({n: l for n, l in convs.items() if l.u_feat.shape[1] > 0}) as spatial:
+                for batch in batches:
+                    self.model(_inputs(batch).to(self.device), task)
+            for name, layer in convs.items():
+                if name in spatial.h:
+                    layer.set_factors(layer.u_feat, plain_factor(spatial.h[name].cpu(), cfg.spatial_eps),
+                                      plain_factor(spatial.w[name].cpu(), cfg.spatial_eps))
+        self._restore_bn(bn_state)
+        self.model.train(was_training)
+        return {n: self.layers[n].compressed_ranks() for n in grams.grams}
+
+    def _forward_as_in_training(self, task: int) -> dict:
+        """Put the model in the mode ``task`` trains in (BatchNorm as in training, dropout off).
+
+        Calibration must see the activations training will see; train-mode BatchNorm would update its
+        running statistics, so they are saved here and put back by :meth:`_restore_bn`.
+        """
+        self.train_mode(task)
+        saved = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.Dropout) or "Dropout" in type(m).__name__:
+                m.eval()
+            if isinstance(m, _BN) and m.training:
+                saved[name] = {k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None}
+        return saved
+
+    def _restore_bn(self, saved: dict) -> None:
+        for name, buffers in saved.items():
+            m = self.model.get_submodule(name)
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
+
+    # ---- one optimisation step ---------------------------------------------------------------
+    def after_backward(self) -> None:
+        """GPM's projection of every protected weight gradient (no-op for lance and finetune)."""
+        if self.config.method == "gpm":
+            for layer in self.layers.values():
+                if layer.protected:
+                    layer.project_weight_grad()
+
+    # ---- protected basis (after a task) --------------------------------------------------------
+    @torch.no_grad()
+    def extend_bases(self, task: int, batches: Iterable) -> dict[str, dict]:
+        """Extend every protected layer's basis with ``task``'s activations (GPM's energy rule)."""
+        if not self.protects:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        protected = {n: l for n, l in self.layers.items() if l.protected}
+        with _FeatureGrams(protected) as grams:
+            for batch in batches:
+                self.model(_inputs(batch).to(self.device), task)
+        info = {}
+        eps_cl = self.config.eps_cl_at(task)
+        for name, gram in grams.grams.items():
+            layer = protected[name]
+            new, info[name] = extend_basis(layer.protected_basis.cpu(), gram.cpu(), eps_cl)
+            layer.set_basis(new)
+        self.model.train(was_training)
+        return info
+
+    def usage(self) -> dict[str, float]:
+        """``rank(P) / D`` per protected layer."""
+        return {n: l.usage() for n, l in self.layers.items() if l.protected}
+
+    @torch.no_grad()
+    def evaluate(self, task: int, batches: Iterable) -> float:
+        """Accuracy (points) of head ``task`` on ``batches`` of ``(x, y)`` with task-local labels."""
+        was_training = self.model.training
+        self.model.eval()
+        correct = total = 0
+        for x, y in batches:
+            logits = self.model(x.to(self.device), task)
+            correct += int((logits.argmax(dim=1).cpu() == y).sum())
+            total += int(y.numel())
+        self.model.train(was_training)
+        if total == 0:
+            raise ValueError(f"task {task} has an empty test set")
+        return 100.0 * correct / total
