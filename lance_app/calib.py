@@ -11,7 +11,7 @@ import math
 
 import streamlit as st
 
-from lance_app.catalog import Unavailable, engine_attr
+from lance_app.catalog import Unavailable, engine_attr, engine_attr_any
 from lance_app.state import show_error
 
 DEFAULT_EPS_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -55,7 +55,7 @@ def _calibrate(backbone: str, weights: str, dataset: str, layers_k: int, eps_gri
     cache = _results()
     if key in cache:
         return cache[key]
-    calibrate = engine_attr("engine.calibration", "calibrate")
+    calibrate = engine_attr_any(("engine.calibration", "calibrate"), ("engine.calibration.pipeline", "calibrate"))
     bar = st.progress(0.0, text="Calibrating…")
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -39,24 +39,38 @@ def engine_attr(module: str, attr: str):
                           f"Update the checkout and run `pip install -e .[dev]`.") from exc
 
 
+def engine_attr_any(*candidates: tuple[str, str]):
+    """The first of several (module, attr) that exists; Unavailable with the first one's message."""
+    first = None
+    for module, attr in candidates:
+        try:
+            return engine_attr(module, attr)
+        except Unavailable as exc:
+            first = first or exc
+    raise first
+
+
 def shared_root() -> Path:
+    """``$LANCE_SHARED`` or ``<repo>/../shared`` (developer and CI machines only)."""
     return Path(os.environ.get("LANCE_SHARED", REPO_ROOT.parent / "shared"))
 
 
-def data_roots() -> list[Path]:
-    roots = []
-    if os.environ.get("LANCE_DATA_ROOT"):
-        roots.append(Path(os.environ["LANCE_DATA_ROOT"]).expanduser())
-    roots.append(shared_root() / "datasets")
-    return roots
+def apply_shared_defaults(environ=os.environ) -> dict:
+    """Point LANCE_DATA_ROOT / LANCE_WEIGHTS_DIR at ``../shared`` when it is there and they are unset.
 
+    The data root keeps ``$LANCE_HOME/datasets`` after the shared one (engine.data searches a
+    ``os.pathsep``-separated list). Job subprocesses inherit these. Returns what was set.
+    """
+    changed = {}
+    shared = shared_root()
+    if not environ.get("LANCE_DATA_ROOT") and (shared / "datasets").is_dir():
+        from lance_app.jobs import lance_home
 
-def weights_roots() -> list[Path]:
-    roots = []
-    if os.environ.get("LANCE_WEIGHTS_DIR"):
-        roots.append(Path(os.environ["LANCE_WEIGHTS_DIR"]).expanduser())
-    roots.append(shared_root() / "weights")
-    return roots
+        changed["LANCE_DATA_ROOT"] = os.pathsep.join([str(shared / "datasets"), str(lance_home() / "datasets")])
+    if not environ.get("LANCE_WEIGHTS_DIR") and (shared / "weights").is_dir():
+        changed["LANCE_WEIGHTS_DIR"] = str(shared / "weights")
+    environ.update(changed)
+    return changed
 
 
 @dataclass(frozen=True)
@@ -69,37 +83,24 @@ class Option:
     detail: str  # where it was found, or where we looked and how to get it
 
 
-# -- datasets --------------------------------------------------------------------------------------
 def dataset_options() -> list[Option]:
-    """The embedded default (digits) first, then datasets found under the data roots."""
+    """Every dataset engine.data knows, the embedded default first; each found here or not (with why)."""
+    names = list(engine_attr("engine.data", "available_datasets")())
+    locate = engine_attr("engine.data", "locate")
+    if DEFAULT_DATASET in names:
+        names.remove(DEFAULT_DATASET)
+        names.insert(0, DEFAULT_DATASET)
     opts = []
-    try:
-        importlib.import_module("sklearn.datasets")
-        opts.append(Option("digits (embedded, 1797 images, 10 classes)", "digits", True,
-                           "scikit-learn's bundled handwritten digits; always available offline"))
-    except ImportError:
-        opts.append(Option("digits", "digits", False, "needs scikit-learn: `pip install scikit-learn`"))
-    looked = [str(r) for r in data_roots()]
-    found_jpeg = next((r / "cifar10-jpeg" for r in data_roots() if (r / "cifar10-jpeg" / "train").is_dir()), None)
-    if found_jpeg is not None:
-        opts.append(Option("cifar10-jpeg (image folder, 10 classes)", f"imagefolder:{found_jpeg}", True,
-                           f"found at {found_jpeg}"))
-    else:
-        opts.append(Option("cifar10-jpeg (image folder)", "imagefolder:cifar10-jpeg", False,
-                           f"looked for cifar10-jpeg/train/<class>/*.jpg in {', '.join(looked)}; set "
-                           "LANCE_DATA_ROOT to a folder that holds it, or use imagefolder:PATH"))
-    found_cifar = next((r for r in data_roots() if (r / "cifar-10-batches-py").is_dir()), None)
-    if found_cifar is not None:
-        opts.append(Option("cifar10 (python batches)", "cifar10", True, f"found at {found_cifar}"))
-    else:
-        opts.append(Option("cifar10 (python batches)", "cifar10", False,
-                           f"looked for cifar-10-batches-py in {', '.join(looked)}; run "
-                           "`lance finetune --dataset cifar10 ...` once online to download it, or set "
-                           "LANCE_DATA_ROOT to a folder that holds it"))
+    for name in names:
+        try:
+            folder = locate(name)
+            detail = "bundled with scikit-learn; always available offline" if folder is None else f"found at {folder}"
+            opts.append(Option(name, name, True, detail))
+        except Exception as exc:  # DatasetMissing: which, where it looked, how to get it
+            opts.append(Option(name, name, False, str(exc)))
     return opts
 
 
-# -- backbones and weights -------------------------------------------------------------------------
 def backbone_names() -> list[str]:
     """engine.models.available_backbones(), the default first. Raises Unavailable."""
     names = list(engine_attr("engine.models", "available_backbones")())
@@ -109,53 +110,37 @@ def backbone_names() -> list[str]:
     return names
 
 
-def _mcunet_weights(name: str) -> Path | None:
-    for root in weights_roots():
-        for candidate in (root / name / f"{name}_imagenet.pth", root / f"{name}_imagenet.pth"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def weights_options(backbone: str) -> list[Option]:
-    """Random init always; ImageNet weights where they are known to be here."""
+    """Random init always; ImageNet weights for pretrained backbones, marked found here or not."""
     opts = [Option("random init (none)", "none", True, "no download needed")]
-    if backbone == DEFAULT_BACKBONE or backbone.endswith("-cl") or backbone.endswith("-reduced"):
+    spec = engine_attr("engine.models", "backbone_spec")(backbone)
+    if not spec.pretrained:
         return opts
-    if backbone.startswith("mcunet"):
-        path = _mcunet_weights(backbone)
-        if path is not None:
-            opts.append(Option("ImageNet (local)", "imagenet", True, f"found at {path}"))
-        else:
-            looked = ", ".join(str(r / backbone) for r in weights_roots())
-            opts.append(Option("ImageNet", "imagenet", False,
-                               f"looked for {backbone}_imagenet.pth in {looked}; set LANCE_WEIGHTS_DIR "
-                               "to a folder with <name>/<name>_imagenet.pth (+ .json), or go online "
-                               "so that it downloads"))
-        return opts
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    cached = list((torch_home / "hub" / "checkpoints").glob("*.pth")) if torch_home.is_dir() else []
-    opts.append(Option("ImageNet (torchvision)", "imagenet", True,
-                       f"from the torch cache ({len(cached)} checkpoint(s) in {torch_home}) "
-                       "or downloaded when online"))
+    path = engine_attr("engine.models", "weights_available")(backbone)
+    if path is not None:
+        opts.append(Option("ImageNet", "imagenet", True, f"found at {path}"))
+    else:
+        wdir = engine_attr("engine.models.weights", "weights_dir")()
+        opts.append(Option("ImageNet", "imagenet", False,
+                           f"not found under {wdir} (LANCE_WEIGHTS_DIR) or the torch cache; put the file "
+                           f"in {wdir}/{backbone}/, or go online so that `lance finetune --weights imagenet` "
+                           "downloads it"))
     return opts
 
 
-def backbone_available(backbone: str) -> bool:
-    """MCUNet variants need their network JSON: listed but marked missing when absent."""
-    if not backbone.startswith("mcunet"):
-        return True
-    return _mcunet_weights(backbone) is not None
-
-
 def continual_benchmarks() -> list[Option]:
+    """Benchmarks, with split-cifar10 built from cifar10-jpeg where the real CIFAR-10 is not here."""
     opts = [Option("split-digits (5 tasks × 2 classes, embedded)", "split-digits", True,
                    "built from scikit-learn's digits; always available")]
-    jpeg = next((o for o in dataset_options() if o.value.startswith("imagefolder:") and o.available), None)
-    if jpeg is not None:
-        opts.append(Option("split-cifar10 from cifar10-jpeg (5 × 2)", f"split-cifar10|{jpeg.value}", True,
-                           jpeg.detail))
+    found = {o.value: o for o in dataset_options() if o.available}
+    if "cifar10" in found:
+        opts.append(Option("split-cifar10 (5 × 2)", "split-cifar10", True, found["cifar10"].detail))
+    elif "cifar10-jpeg" in found:
+        opts.append(Option("split-cifar10 from cifar10-jpeg (5 × 2)", "split-cifar10|cifar10-jpeg", True,
+                           found["cifar10-jpeg"].detail))
     else:
         opts.append(Option("split-cifar10 (5 × 2)", "split-cifar10", False,
-                           "needs CIFAR-10: set LANCE_DATA_ROOT (see the Setup page)"))
+                           "needs CIFAR-10 or cifar10-jpeg under LANCE_DATA_ROOT (see the Setup page)"))
+    if "cifar100" in found:
+        opts.append(Option("split-cifar100 (10 × 10)", "split-cifar100", True, found["cifar100"].detail))
     return opts

@@ -55,6 +55,8 @@ def metric_figure(df: pd.DataFrame, key: str, split: str | None = None, x: str =
     if split is not None:
         sel = sel[sel["split"] == split]
     sel = sel.dropna(subset=[x, "value"])
+    # An epoch's summary row repeats the last step's (step, split, key); keep the per-step row.
+    sel = sel.drop_duplicates(subset=["label", "key", "split", x], keep="first")
     for label, part in sel.groupby("label", sort=False):
         part = part.sort_values(x)
         fig.add_trace(go.Scatter(x=part[x].tolist(), y=part["value"].tolist(), mode="lines+markers"
@@ -74,7 +76,7 @@ def prefixed_metric_figure(df: pd.DataFrame, prefix: str, split: str | None = No
     sel = df[df["key"].astype(str).str.startswith(prefix)]
     if split is not None:
         sel = sel[sel["split"] == split]
-    sel = sel.dropna(subset=[x, "value"])
+    sel = sel.dropna(subset=[x, "value"]).drop_duplicates(subset=["label", "key", "split", x], keep="first")
     many = sel["label"].nunique() > 1
     for (label, key), part in sel.groupby(["label", "key"], sort=False):
         part = part.sort_values(x)

@@ -60,17 +60,28 @@ class JobView:
         return any(r.get("status") not in TERMINAL for r in self.runs)
 
 
-def run_progress(frame: pd.DataFrame, run_id: str, total_steps: int | None, epochs: int | None) -> float:
-    """Fraction in [0, 1] of one run done: steps when the total is known, else epochs."""
+def run_progress(frame: pd.DataFrame, run: dict, total_steps: int | None = None,
+                 epochs: int | None = None) -> float:
+    """Fraction in [0, 1] of one run done: from its steps when the total is known, else its epochs.
+
+    The total comes from the run's config (``steps_per_epoch`` × ``epochs``, written by
+    ``lance finetune``) or else from ``total_steps``; steps are counted from 1.
+    """
+    if run.get("status") == "completed":
+        return 1.0
     if frame is None or frame.empty:
         return 0.0
-    part = frame[frame["run_id"] == run_id]
+    part = frame[frame["run_id"] == run["id"]]
     if part.empty:
         return 0.0
+    config = run.get("config") or {}
+    epochs = config.get("epochs") or epochs
+    if config.get("steps_per_epoch") and epochs:
+        total_steps = int(config["steps_per_epoch"]) * int(epochs)
     if total_steps:
         steps = part.loc[part["split"] == "train", "step"].dropna()
         if not steps.empty:
-            return min(1.0, (float(steps.max()) + 1) / total_steps)
+            return min(1.0, float(steps.max()) / total_steps)
     if epochs:
         ep = part.loc[part["split"] == "val", "epoch"].dropna()
         if not ep.empty:
@@ -83,12 +94,8 @@ def job_progress(view: JobView, n_runs_expected: int, steps_per_run: int | None,
     """Overall fraction of a job that runs ``n_runs_expected`` methods one after another."""
     if n_runs_expected <= 0:
         return 0.0
-    done = 0.0
-    for run in view.runs:
-        if run.get("status") == "completed":
-            done += 1.0
-        else:
-            done += run_progress(view.frame, run["id"], steps_per_run, epochs)
+    frame = view.frame
+    done = sum(run_progress(frame, run, steps_per_run, epochs) for run in view.runs)
     return max(0.0, min(1.0, done / n_runs_expected))
 
 

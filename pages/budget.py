@@ -8,7 +8,7 @@ import streamlit as st
 
 from lance_app import figures
 from lance_app.calib import calibration_controls, calibration_view
-from lance_app.catalog import Unavailable, engine_attr
+from lance_app.catalog import Unavailable, engine_attr, engine_attr_any
 from lance_app.state import setup_config, show_error
 
 st.title("Budget")
@@ -37,7 +37,8 @@ st.caption(f"For a batch of {view['batch_size']}: vanilla stores {figures.format
            f"the least any ε choice fits in is {figures.format_bytes(least)} ({least:,} bytes).")
 
 try:
-    select_ranks = engine_attr("engine.calibration", "select_ranks")
+    select_ranks = engine_attr_any(("engine.calibration", "select_ranks"),
+                                  ("engine.calibration.selection", "select_ranks"))
     selection = select_ranks(view["result"], budget_text)
 except Unavailable as exc:
     st.info(f"Rank selection unavailable: {exc}")

@@ -46,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     env = dict(os.environ)
     if args.home:
-        env["LANCE_HOME"] = str(Path(args.home).expanduser().resolve())
+        env["LANCE_HOME"] = os.environ["LANCE_HOME"] = str(Path(args.home).expanduser().resolve())
+    from lance_app.catalog import apply_shared_defaults
+
+    for key, value in apply_shared_defaults(env).items():
+        print(f"{key}={value} (../shared found)", flush=True)
     print(f"LANCE Lab on http://{args.address}:{args.port}  (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(streamlit_argv(args.port, args.address), env=env, cwd=str(main.parent.parent))

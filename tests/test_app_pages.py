@@ -1,0 +1,263 @@
+"""AppTest for every page: widgets, messages, and the data inside the figures they draw.
+
+Pages run in-process on the real engine (digits + small-cnn, the embedded default) and the real run
+store under the per-test LANCE_HOME; runs shown on the Fine-tune / Continual / Runs pages are
+written into that store by the test itself, so the expected chart values are known exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = REPO / "pages"
+RunStore = pytest.importorskip("engine.store").RunStore
+
+
+def _page(name: str, timeout: float = 120) -> AppTest:
+    return AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=timeout)
+
+
+def charts(at: AppTest) -> dict[str, dict]:
+    """Plotly figures on the page by title text."""
+    out = {}
+    for el in at.get("plotly_chart"):
+        spec = json.loads(el.proto.spec)
+        title = spec["layout"].get("title", {})
+        out[title.get("text", "") if isinstance(title, dict) else str(title)] = spec
+    return out
+
+
+def no_exception(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _log(store, run, key, values, split="train", x="step", task=None):
+    store.log_metrics(run, [{x: i, "epoch": 0 if x == "step" else i, "split": split, "task": task,
+                             "key": key, "value": v} for i, v in enumerate(values)])
+
+
+# -- frame -----------------------------------------------------------------------------------------
+def test_entrypoint_navigates_every_page():
+    at = AppTest.from_file(str(REPO / "lance_app" / "main.py"), default_timeout=120).run()
+    no_exception(at)
+    assert at.title[0].value == "Setup"
+    for page, title in [("runs", "Runs"), ("finetune", "Fine-tune"), ("continual", "Continual learning")]:
+        at.switch_page(f"../pages/{page}.py").run()
+        no_exception(at)
+        assert at.title[0].value == title
+
+
+def test_startup_marks_orphaned_runs_interrupted():
+    import subprocess
+
+    store = RunStore()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = store.create_run(kind="finetune", method="vanilla", config={}, pid=dead.pid)
+    at = AppTest.from_file(str(REPO / "lance_app" / "main.py"), default_timeout=120).run()
+    no_exception(at)
+    assert RunStore(mark_orphans=False).get_run(run)["status"] == "interrupted"
+
+
+# -- setup -----------------------------------------------------------------------------------------
+def test_setup_defaults_to_digits_small_cnn_and_lists_layers():
+    at = _page("setup").run()
+    no_exception(at)
+    assert at.selectbox(key="setup_backbone").value == "small-cnn"
+    assert at.selectbox(key="setup_dataset").value.value == "digits"
+    assert at.radio(key="setup_weights").value.value == "none"
+    layers = at.dataframe[0].value
+    assert len(layers) == 4 and layers["trained"].tolist() == ["frozen", "frozen", "yes", "yes"]
+    at.slider(key="setup_layers").set_value(3).run()
+    assert at.dataframe[0].value["trained"].tolist().count("yes") == 3
+    here = at.dataframe[1].value
+    assert here.loc[here["name"] == "digits", "available"].item() == "yes"
+    missing = here[here["available"] == "missing"]
+    assert len(missing) > 0 and missing["where / how to get it"].str.contains("Looked in|not found").all()
+    assert "last 3 layers" in at.success[0].value
+
+
+# -- spectra and budget ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calibrated_home(tmp_path_factory):
+    """One LANCE_HOME for the spectra/budget tests so the engine's calibration cache is reused."""
+    return tmp_path_factory.mktemp("calib_home")
+
+
+def test_spectra_page_draws_energy_heatmap_and_perplexity(calibrated_home, monkeypatch):
+    monkeypatch.setenv("LANCE_HOME", str(calibrated_home))
+    at = _page("spectra").run()
+    no_exception(at)
+    assert not at.error
+    figs = charts(at)
+    energy = next(v for k, v in figs.items() if "input" in k)
+    assert [t["name"] for t in energy["data"]] == ["B", "F"]  # the linear head's input modes
+    for trace in energy["data"]:  # cumulative view: rises to 1
+        assert trace["y"][-1] == pytest.approx(1.0, abs=1e-6)
+        assert all(b >= a - 1e-12 for a, b in zip(trace["y"], trace["y"][1:]))
+    heat = figs["compression factor per layer and ε"]["data"][0]
+    assert len(heat["y"]) == 4 and len(heat["x"]) == 8
+    assert all(row[0] >= row[-1] for row in heat["z"])  # more energy kept -> less compression
+    perp = figs["perplexity of the fine-tuned layers"]["data"]
+    assert len(perp) == 2
+    for trace in perp:  # the gradient error falls as ε rises (flat where one direction dominates)
+        assert trace["y"][-1] <= trace["y"][0]
+    assert any(trace["y"][-1] < 0.5 * trace["y"][0] for trace in perp)
+    at.toggle(key="spectra_cumulative").set_value(False).run()
+    energy = next(v for k, v in charts(at).items() if "input" in k)
+    assert sum(energy["data"][0]["y"]) == pytest.approx(1.0, abs=1e-6)
+    ranks = at.dataframe[0].value
+    assert list(ranks.columns) == ["B", "F", "bytes"] and len(ranks) == 8
+
+
+def test_budget_page_exact_choice_and_readable_errors(calibrated_home, monkeypatch):
+    monkeypatch.setenv("LANCE_HOME", str(calibrated_home))
+    at = _page("budget").run()
+    no_exception(at)
+    assert not at.error
+    table = at.dataframe[0].value
+    assert len(table) == 2
+    from engine.calibration import parse_budget
+
+    budget = parse_budget(at.text_input(key="budget_text").value)
+    assert 0 < table["bytes"].sum() <= budget
+    bars = charts(at)["activation bytes per fine-tuned layer"]["data"]
+    assert bars[0]["y"] == [float(b) for b in table["bytes"]]
+    assert bars[1]["y"] == [float(b) for b in table["vanilla bytes"]]
+    at.text_input(key="budget_text").set_value("10").run()
+    assert "least total that fits is" in at.error[0].value
+    assert not at.exception
+    at.text_input(key="budget_text").set_value("lots").run()
+    assert "cannot read the budget" in at.error[0].value
+
+
+# -- fine-tune -------------------------------------------------------------------------------------
+def test_finetune_page_without_a_job_and_without_methods():
+    at = _page("finetune").run()
+    no_exception(at)
+    assert "No job attached" in at.info[0].value
+    at.multiselect(key="ft_methods").set_value([])
+    at.button[0].click().run()  # the form's submit button
+    assert at.error[0].value == "Choose at least one method."
+
+
+def test_finetune_page_draws_the_rows_of_a_job_from_the_url():
+    store = RunStore()
+    run = store.create_run(kind="finetune", method="hosvd", config={"epochs": 1}, job_id="job-from-url")
+    _log(store, run, "loss", [2.3, 1.9, 1.2])
+    _log(store, run, "acc", [10.0, 30.0, 55.0])
+    _log(store, run, "layer_activation_bytes", [4096, 4096, 4096])
+    _log(store, run, "step_ms", [12.0, 9.0, 9.5])
+    _log(store, run, "rank/fc/F", [7, 9, 8])
+    _log(store, run, "captured_energy/fc", [0.8, 0.85, 0.9])
+    store.log_metrics(run, [{"step": 2, "epoch": 0, "split": "val", "key": "acc", "value": 61.0}])
+    store.set_status(run, "completed")
+    at = _page("finetune")
+    at.query_params["job"] = "job-from-url"
+    at.run()
+    no_exception(at)
+    assert "not known on this server" in at.warning[0].value
+    assert any("hosvd" in s.value and "completed" in s.value for s in at.success)
+    figs = charts(at)
+    assert figs["training loss"]["data"][0]["y"] == [2.3, 1.9, 1.2]
+    acc = figs["accuracy (train steps, val epochs)"]["data"]
+    assert acc[0]["y"] == [10.0, 30.0, 55.0] and acc[1]["y"] == [61.0] and acc[1]["x"] == [2]
+    assert figs["ranks in use"]["data"][0]["name"] == "fc/F"
+    assert figs["ranks in use"]["data"][0]["y"] == [7, 9, 8]
+    assert figs["captured energy of the stored subspace"]["data"][0]["y"] == [0.8, 0.85, 0.9]
+    assert figs["step time"]["data"][0]["y"] == [12.0, 9.0, 9.5]
+
+
+def test_finetune_page_starts_a_real_job_and_follows_it():
+    pytest.importorskip("engine.cli.finetune", reason="`lance finetune` (engine/cli/finetune.py) not in this checkout")
+    at = _page("finetune").run()
+    at.multiselect(key="ft_methods").set_value(["vanilla"])
+    at.number_input(key="ft_limit").set_value(128)
+    at.number_input(key="ft_batch").set_value(32)
+    at.button[0].click().run()
+    no_exception(at)
+    job_id = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
+    assert job_id
+    from lance_app.jobs import JobRunner
+
+    runner = JobRunner()
+    runner.wait(job_id, timeout_s=180)
+    at.run()
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("vanilla" in s.value and "completed" in s.value for s in at.success)
+    loss = charts(at)["training loss"]["data"][0]["y"]
+    assert len(loss) == 4  # 128 images / batch 32
+    run = RunStore().list_runs(job_id=job_id)[0]
+    per_step = {}
+    for r in RunStore().metrics(run["id"], key="loss", split="train"):
+        per_step.setdefault(r["step"], r["value"])  # the epoch's summary row repeats the last step
+    assert loss == list(per_step.values())
+
+
+# -- continual -------------------------------------------------------------------------------------
+def test_continual_page_draws_matrix_tiles_and_usage():
+    store = RunStore()
+    run = store.create_run(kind="continual", method="lance", config={}, job_id="cl-job")
+    rows = []
+    matrix = [[95.0], [90.0, 93.0]]
+    for i, row in enumerate(matrix):
+        rows += [{"split": "task", "task": i, "key": f"acc/{j}", "value": v} for j, v in enumerate(row)]
+        rows += [{"split": "task", "task": i, "key": "usage/conv1", "value": 0.2 * (i + 1)},
+                 {"split": "task", "task": i, "key": "ACC", "value": sum(row) / len(row)},
+                 {"split": "task", "task": i, "key": "BWT", "value": 0.0 if i == 0 else -5.0},
+                 {"split": "task", "task": i, "key": "forgetting", "value": 0.0 if i == 0 else 5.0}]
+    store.log_metrics(run, rows)
+    at = _page("continual")
+    at.query_params["job"] = "cl-job"
+    at.run()
+    no_exception(at)
+    assert [m.value for m in at.metric] == ["91.50", "-5.00", "5.00"]
+    figs = charts(at)
+    z = figs["accuracy matrix R[i, j] (%)"]["data"][0]["z"]
+    assert z == [[95.0, None], [90.0, 93.0]]
+    usage = figs["subspace usage per layer"]["data"][0]
+    assert usage["x"] == [0, 1] and usage["y"] == pytest.approx([0.2, 0.4])
+    assert at.selectbox(key="cl_benchmark").value.value == "split-digits"
+
+
+# -- runs ------------------------------------------------------------------------------------------
+def test_runs_page_table_filter_overlay_config_and_delete():
+    store = RunStore()
+    a = store.create_run(kind="finetune", method="vanilla", config={"lr": 0.05, "seed": 0})
+    _log(store, a, "loss", [2.0, 1.0])
+    store.set_summary(a, {"val_acc": 80.0})
+    store.set_status(a, "completed")
+    time.sleep(0.01)
+    b = store.create_run(kind="finetune", method="asi", config={"lr": 0.1, "seed": 0})
+    _log(store, b, "loss", [2.5, 1.5, 0.5])
+    store.set_status(b, "failed", message="loss became NaN at step 3")
+    at = _page("runs").run()
+    no_exception(at)
+    table = at.dataframe[0].value
+    assert set(table["id"]) == {a, b}
+    assert table.set_index("id").loc[b, "message"] == "loss became NaN at step 3"
+    at.multiselect(key="runs_method").set_value(["asi"]).run()
+    assert at.dataframe[0].value["id"].tolist() == [b]
+    at.multiselect(key="runs_method").set_value([]).run()
+    at.multiselect(key="runs_selected").set_value([a, b]).run()
+    overlay = charts(at)["loss (train)"]["data"]
+    assert sorted(len(t["y"]) for t in overlay) == [2, 3]
+    config = at.dataframe[1].value
+    assert config.index[0] == "lr"  # the differing key first
+    assert [d.proto.label for d in at.get("download_button")] == ["Download metrics (CSV)",
+                                                                  "Download runs + metrics (JSON)"]
+    at.multiselect(key="runs_selected").set_value([b]).run()
+    at.checkbox(key="runs_confirm").check().run()
+    at.button(key="runs_delete").click().run()
+    no_exception(at)
+    assert [r["id"] for r in RunStore().list_runs()] == [a]
+    assert "Deleted 1 run(s)." in at.success[0].value
+    assert os.path.isdir(RunStore().run_dir(a)) and not os.path.exists(RunStore().run_dir(b))
