@@ -39,10 +39,12 @@ class ImageArrays:
         return ImageArrays(self.images[index], self.labels[index], list(self.classes))
 
 
-def resize_normalize(images_uint8: torch.Tensor, resolution: int, mean, std) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> (B, 3, R, R) float32, bilinear (antialiased when shrinking), normalised."""
+def resize_normalize(images_uint8: torch.Tensor, resolution: int | None, mean, std) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, R, R) float32, bilinear (antialiased when shrinking), normalised.
+
+    resolution None: no resize."""
     x = images_uint8.float().div_(255.0)
-    if x.shape[-2:] != (resolution, resolution):
+    if resolution and x.shape[-2:] != (resolution, resolution):
         shrink = x.shape[-1] > resolution or x.shape[-2] > resolution
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=shrink)
     mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
@@ -77,7 +79,9 @@ class ArrayImageDataset(Dataset):
                  label_map: dict[int, int] | None = None, classes: list[str] | None = None):
         self.arrays = arrays
         self.indices = None if indices is None else torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        self.resolution = int(resolution or arrays.images.shape[-1])
+        h, w = arrays.images.shape[-2:]
+        # None: serve the stored size (square images: resolution = that side; others: not resized)
+        self.resolution = int(resolution) if resolution else (int(h) if h == w else None)
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
         self.name = name
@@ -108,6 +112,7 @@ class ArrayImageDataset(Dataset):
         if self.augment if augment is None else augment:
             images_uint8 = augment_batch(images_uint8)
         return resize_normalize(images_uint8, self.resolution, self.mean, self.std)
+
 
     def batch(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
         """(x: (B, 3, R, R) float32, y: (B,) int64) for dataset positions ``positions``."""

@@ -16,6 +16,7 @@ Layouts (inside a data root):
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import struct
@@ -48,8 +49,11 @@ def _from_hwc(images: np.ndarray, labels, classes, max_per_class=None) -> ImageA
 
 
 # ----------------------------------------------------------------------------------- digits
+@functools.lru_cache(maxsize=4)
 def load_digits_arrays(max_per_class: int | None = None) -> ImageArrays:
-    """scikit-learn's 1,797 8x8 digits as (N, 3, 8, 8) uint8 (grey replicated), one split ``all``."""
+    """scikit-learn's 1,797 8x8 digits as (N, 3, 8, 8) uint8 (grey replicated), one split ``all``.
+
+    Cached in the process (datasets only read the arrays)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
