@@ -111,9 +111,10 @@ def config_from_args(args):
     )
 
 
-def print_table(results, stream=sys.stdout) -> None:
+def print_table(results, stream=None) -> None:
     from engine.train.sinks import _fmt_bytes
 
+    stream = stream or sys.stdout
     header = (f"{'method':<16}{'status':<12}{'val acc %':>10}{'layer act':>11}{'region act':>12}"
               f"{'analytic':>11}{'step ms':>9}{'MFLOP/step':>12}  run")
     print(header, file=stream)

@@ -225,20 +225,20 @@ def _validate_backbone(config: FinetuneConfig) -> None:
 
 
 def _validate_dataset(config: FinetuneConfig) -> None:
+    """Known name and present here (cheap: no image is decoded)."""
     name = config.dataset
-    if name.startswith("imagefolder:"):
-        root = Path(name.split(":", 1)[1]).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"--dataset {name}: no folder at {root}; an image folder needs "
-                              "<root>/train/<class>/*.jpg (and val/ or test/)")
-        return
     try:
-        from engine.data import available_datasets
+        from engine.data import DatasetMissing, available_datasets, locate
     except ImportError:
         return
-    names = list(available_datasets())
-    if name not in names:
-        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(names)}, or imagefolder:PATH")
+    if not name.startswith("imagefolder:"):
+        names = list(available_datasets())
+        if name not in names:
+            raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(names)}, or imagefolder:PATH")
+    try:
+        locate(name, config.data_root)
+    except DatasetMissing as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_ranks_file(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -104,27 +104,43 @@ def _class_names(dataset) -> list[str] | None:
     return list(names) if names is not None else None
 
 
+def load_backbone(config: FinetuneConfig):
+    """(model, Backbone, trained layer names): the seeded backbone with the dataset's head.
+
+    Fast (no data): run before anything else so missing weights or too many layers fail at once.
+    Raises ConfigError (weights missing, --layers too large).
+    """
+    from engine.data import num_classes as dataset_classes
+    from engine.models import WeightsMissing, build_backbone
+
+    classes = int(dataset_classes(config.dataset, data_root=config.data_root))
+    torch.manual_seed(config.seed)
+    try:
+        backbone = build_backbone(config.backbone, weights=config.weights, num_classes=classes)
+    except WeightsMissing as exc:
+        raise ConfigError(str(exc)) from None
+    names = compressible_names(backbone.model)
+    if config.layers > len(names):
+        raise ConfigError(f"--layers {config.layers}: {config.backbone} has only {len(names)} compressible layers")
+    return backbone.model, backbone, names[-config.layers:]
+
+
 def prepare(config: FinetuneConfig, log: Callable[[str], None] = lambda s: None) -> Workbench:
     """Build the backbone (seeded head), load the data, cut the model and cache the prefix features."""
     from engine.data import get_dataset
-    from engine.models import build_backbone, split_at_stage, stage_of_layer
+    from engine.models import split_at_stage, stage_of_layer
 
     start = time.perf_counter()
-    resolution = _resolution(config)
-    mean, std = _norm(config)
-    train_set = get_dataset(config.dataset, split="train", resolution=resolution, mean=mean, std=std,
-                            data_root=config.data_root, seed=config.seed, augment=False)
-    val_set = get_dataset(config.dataset, split=config.val_split, resolution=resolution, mean=mean, std=std,
-                          data_root=config.data_root, seed=config.seed, augment=False)
+    model, backbone, layer_names = load_backbone(config)
+    resolution = _resolution(config) or backbone.resolution
+    train_set = get_dataset(config.dataset, split="train", resolution=resolution, mean=backbone.mean,
+                            std=backbone.std, data_root=config.data_root, seed=config.seed, augment=False)
+    val_set = get_dataset(config.dataset, split=config.val_split, resolution=resolution, mean=backbone.mean,
+                          std=backbone.std, data_root=config.data_root, seed=config.seed, augment=False)
     class_names = _class_names(train_set)
-    num_classes = _num_classes(config, train_set, class_names)
-    torch.manual_seed(config.seed)
-    backbone = build_backbone(config.backbone, weights=config.weights, num_classes=num_classes)
-    model = backbone.model
-    names = compressible_names(model)
-    if config.layers > len(names):
-        raise ConfigError(f"--layers {config.layers}: {config.backbone} has only {len(names)} compressible layers")
-    layer_names = names[-config.layers:]
+    num_classes = backbone.num_classes
+    if class_names is not None and len(class_names) != num_classes:
+        raise ConfigError(f"{config.dataset}: {len(class_names)} class folders but {num_classes} classes expected")
     train_set = seeded_subset(train_set, config.limit_train, config.seed)
     val_set = seeded_subset(val_set, config.limit_val, config.seed + 1)
     cut = stage_of_layer(model, layer_names[0]) if config.feature_cache else 0
@@ -168,24 +184,6 @@ def _resolution(config: FinetuneConfig) -> int | None:
     from engine.models import backbone_spec
 
     return backbone_spec(config.backbone).resolution
-
-
-def _norm(config: FinetuneConfig) -> tuple[tuple, tuple]:
-    from engine.models import backbone_spec
-
-    spec = backbone_spec(config.backbone)
-    return tuple(spec.mean), tuple(spec.std)
-
-
-def _num_classes(config: FinetuneConfig, train_set, class_names) -> int:
-    try:
-        from engine.data import num_classes
-
-        return int(num_classes(config.dataset, data_root=config.data_root))
-    except (ImportError, TypeError):
-        if class_names:
-            return len(class_names)
-        raise
 
 
 # ---------------------------------------------------------------------------- one method
@@ -478,6 +476,8 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
     from engine.store import RunStore
 
     validate(config)
+    if bench is None:
+        load_backbone(config)  # weights present, --layers possible: fail before any run exists
     store = store or RunStore()
     extra_sinks = list(sinks or [])
     results: list[RunResult] = []

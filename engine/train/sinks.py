@@ -68,11 +68,15 @@ class ProgressSink:
     """A tqdm progress bar per run on ``stream`` (stderr), plus one line per epoch."""
 
     def __init__(self, stream=None, disable: bool | None = None):
-        self.stream = stream or sys.stderr
+        self._stream = stream
         self.disable = disable
         self.bar = None
         self.method = ""
         self.epochs = 0
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
 
     def emit(self, event: Event) -> None:
         from tqdm.auto import tqdm
