@@ -1,5 +1,8 @@
 """On-disk cache of calibrations: ``$LANCE_HOME/cache/calibration/<key>.json``.
 
+``$LANCE_CACHE_DIR`` (shared with engine.data's decoded-image and feature caches) replaces
+``$LANCE_HOME/cache`` when set.
+
 The key is a SHA-256 over everything that changes the result: backbone, weights (for a file: its
 absolute path, size and modification time), dataset, data root, fine-tuned layers, resolution, seed,
 ε grid, number of batches and batch size, plus the format version.
@@ -26,7 +29,8 @@ def lance_home() -> Path:
 
 
 def cache_dir() -> Path:
-    return lance_home() / "cache" / "calibration"
+    base = os.environ.get("LANCE_CACHE_DIR")
+    return (Path(base).expanduser() if base else lance_home() / "cache") / "calibration"
 
 
 def _weights_identity(weights: str | None) -> Any:

@@ -252,12 +252,14 @@ def calibrate(
     use_cache: bool = True,
     device: str | None = None,
     progress: Progress | None = None,
+    max_per_class: int | None = None,
 ) -> CalibrationResult:
     """Calibrate ``backbone`` (with ``dataset``'s head) on ``batches`` seeded training batches.
 
     Spectra for every compressible layer; perplexity and bytes for ``layers_k`` (the last K
     compressible layers, names, or ``"all"``). A result already in the cache is returned at once
-    (``result.from_cache``).
+    (``result.from_cache``). ``max_per_class``: draw the batches from the first N training images
+    of each class only (a quick calibration that decodes few images).
     """
     grid = check_eps_grid(eps_grid)
     layers_key = layers_k if isinstance(layers_k, (int, str)) or layers_k is None else sorted(layers_k)
@@ -265,7 +267,7 @@ def calibrate(
               "eps_grid": grid, "batches": int(batches), "batch_size": int(batch_size),
               "resolution": resolution, "seed": int(seed),
               "data_root": None if data_root is None else str(Path(data_root).expanduser().resolve()),
-              "format_version": FORMAT_VERSION}
+              "max_per_class": max_per_class, "format_version": FORMAT_VERSION}
     key = cache_mod.cache_key(config)
     if use_cache:
         cached = cache_mod.load_cached(key)
@@ -283,7 +285,7 @@ def calibrate(
     bb = build_backbone(backbone, weights=weights, num_classes=classes)
     res = int(resolution or bb.resolution)
     data = get_dataset(dataset, split="train", resolution=res, mean=bb.mean, std=bb.std,
-                       data_root=data_root, seed=seed, augment=False)
+                       data_root=data_root, seed=seed, augment=False, max_per_class=max_per_class)
     data_batches = calibration_batches(data, batches, batch_size, seed)
     setup_s = time.perf_counter() - start
     model = bb.model.to(device) if device else bb.model
