@@ -131,6 +131,8 @@ def energy_figure(energies: Mapping[str, Sequence[float]], cumulative: bool = Fa
         y = np.minimum(np.cumsum(e), 1.0) if cumulative else e
         fig.add_trace(go.Scatter(x=list(range(1, len(y) + 1)), y=y.tolist(), mode="lines+markers"
                                  if len(y) <= 64 else "lines", name=str(mode)))
+    if any(len(e) > 64 for e in energies.values()):
+        fig.update_xaxes(type="log")
     if cumulative:
         for eps in eps_marks:
             fig.add_hline(y=float(eps), line_dash="dot", line_width=1, opacity=0.5)

@@ -93,7 +93,7 @@ def status_banner(kind: str, job_id: str, view: JobView, alive: bool) -> None:
 def stop_button(kind: str, job_id: str, alive: bool) -> None:
     if alive and st.button("Stop", key=f"stop_{kind}", type="secondary", icon=":material/stop:"):
         if job_runner().stop(job_id):
-            st.toast("Stop sent (SIGINT); the run is being marked interrupted.")
+            st.toast("Stop sent (SIGINT to the job's process group).")
         time.sleep(0.3)
 
 

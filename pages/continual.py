@@ -10,6 +10,7 @@ from lance_app.state import CONTINUAL_METHODS, attach_job, attached_job, job_run
 from lance_app.views import job_state, poll_view, running_jobs_picker, status_banner, stop_button
 
 KIND = "continual"
+TASKS = {"split-digits": 5, "split-cifar10": 5, "split-cifar100": 10, "5-datasets": 5}
 st.title("Continual learning")
 st.caption("Task-incremental: one head per task, the whole backbone trained. LANCE keeps each new "
            "task's updates orthogonal to the old tasks' inputs; GPM does so with full activations; "
@@ -30,7 +31,7 @@ with st.form("continual_form"):
     methods = st.multiselect("Methods", CONTINUAL_METHODS, default=["lance", "finetune"], key="cl_methods")
     c3, c4, c5, c6 = st.columns(4)
     epochs = c3.number_input("Epochs per task", 1, 100, 1, key="cl_epochs")
-    n_tasks = c4.number_input("Tasks", 2, 20, 5, key="cl_tasks")
+    limit_train = c4.number_input("Training images per task (0 = all)", 0, 100_000, 200, step=50, key="cl_limit")
     eps_cl = c5.number_input("ε_cl start", 0.5, 0.9999, 0.97, format="%.4f", key="cl_eps")
     eps_step = c6.number_input("ε_cl step per task", 0.0, 0.05, 0.003, format="%.4f", key="cl_eps_step")
     submitted = st.form_submit_button("Start task sequence", type="primary")
@@ -45,6 +46,9 @@ if submitted:
                 "--seed", str(cfg["seed"])]
         if dataset:
             args += ["--dataset", dataset]
+        if limit_train:
+            args += ["--limit-train", str(limit_train)]
+        n_tasks = TASKS.get(benchmark, 0)
         try:
             job = job_runner().start(KIND, args, label=f"{','.join(methods)} on {benchmark}",
                                      extra={"methods": methods, "n_tasks": int(n_tasks)})

@@ -38,7 +38,7 @@ if submitted:
                 "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(cfg["seed"])]
         if limit_train:
             args += ["--limit-train", str(limit_train)]
-        eps = [str(eps_hosvd) if m == "hosvd" else str(eps_lance) for m in methods if m in ("hosvd", "lance")]
+        eps = [f"{m}={eps_hosvd if m == 'hosvd' else eps_lance:g}" for m in methods if m in ("hosvd", "lance")]
         if eps:
             args += ["--eps", ",".join(eps)]
         if budget.strip() and "asi" in methods:

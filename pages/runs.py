@@ -44,7 +44,8 @@ if methods:
 if sort_by in shown.columns:
     shown = shown.sort_values(sort_by, ascending=(sort_by not in ("created_at", "val_acc")), na_position="last")
 st.dataframe(shown, hide_index=True, key="runs_table")
-st.caption(f"{len(shown)} of {len(table)} run(s)")
+counts = shown["status"].value_counts()
+st.caption(f"{len(shown)} of {len(table)} run(s): " + " · ".join(f"{n} {status}" for status, n in counts.items()))
 
 ids = shown["id"].tolist()
 labels = dict(zip(table["id"], table["label"]))

@@ -22,7 +22,8 @@ if view is None:
 layers = view["layers"]
 eps_grid = view["eps_grid"]
 c1, c2 = st.columns([3, 1])
-layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key="spectra_layer")
+first_tuned = layers.index(view["finetuned"][0]) if view["finetuned"] else len(layers) - 1
+layer = c1.selectbox("Layer", layers, index=first_tuned, key="spectra_layer")
 cumulative = c2.toggle("Cumulative", value=True, key="spectra_cumulative")
 spec = view["spectra"][layer]
 energies = {m["mode"]: m["energy"] for m in spec["modes"]}

@@ -97,8 +97,9 @@ def test_spectra_page_draws_energy_heatmap_and_perplexity(calibrated_home, monke
     no_exception(at)
     assert not at.error
     figs = charts(at)
+    assert at.selectbox(key="spectra_layer").value == "block3.conv"  # the first fine-tuned layer
     energy = next(v for k, v in figs.items() if "input" in k)
-    assert [t["name"] for t in energy["data"]] == ["B", "F"]  # the linear head's input modes
+    assert [t["name"] for t in energy["data"]] == ["B", "C", "H", "W"]  # a conv input's modes
     for trace in energy["data"]:  # cumulative view: rises to 1
         assert trace["y"][-1] == pytest.approx(1.0, abs=1e-6)
         assert all(b >= a - 1e-12 for a, b in zip(trace["y"], trace["y"][1:]))
@@ -114,7 +115,7 @@ def test_spectra_page_draws_energy_heatmap_and_perplexity(calibrated_home, monke
     energy = next(v for k, v in charts(at).items() if "input" in k)
     assert sum(energy["data"][0]["y"]) == pytest.approx(1.0, abs=1e-6)
     ranks = at.dataframe[0].value
-    assert list(ranks.columns) == ["B", "F", "bytes"] and len(ranks) == 8
+    assert list(ranks.columns) == ["B", "C", "H", "W", "bytes"] and len(ranks) == 8
 
 
 def test_budget_page_exact_choice_and_readable_errors(calibrated_home, monkeypatch):

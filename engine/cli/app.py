@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +33,41 @@ def streamlit_argv(port: int, address: str) -> list[str]:
             "--server.fileWatcherType", "none", "--server.runOnSave", "false"]
 
 
+PRELOAD = ("torch", "engine", "engine.models", "engine.data", "engine.store", "engine.calibration",
+           "torchvision.models", "pandas", "pyarrow", "plotly.graph_objects", "plotly.io", "lance_app.figures", "lance_app.live",
+           "lance_app.catalog")
+
+
+def preload() -> float:
+    """Import the heavy modules before the server answers, so the first page does not wait on them.
+
+    Streamlit runs page scripts in this same process, so they find these in ``sys.modules``.
+    Returns the seconds spent.
+    """
+    import importlib
+    import time
+
+    start = time.perf_counter()
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a piece missing in this install: its page says so
+            pass
+    try:  # first use of torch's module init / kernels: the default backbone the Setup page shows
+        from lance_app.catalog import DEFAULT_BACKBONE
+        from engine.models import build_backbone
+
+        build_backbone(DEFAULT_BACKBONE, weights="none", num_classes=10)
+        from lance_app import catalog
+
+        catalog.dataset_options()
+        for name in catalog.backbone_names():  # weight look-ups import their model families
+            catalog.weights_options(name)
+    except Exception:  # noqa: BLE001 - the page reports any problem readably
+        pass
+    return time.perf_counter() - start
+
+
 def run(args: argparse.Namespace) -> int:
     if not (1 <= args.port <= 65535):
         print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
@@ -44,15 +78,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: the app's pages folder is missing ({pages}); install the project from its "
               "checkout with `pip install -e .`", file=sys.stderr)
         return 2
-    env = dict(os.environ)
     if args.home:
-        env["LANCE_HOME"] = os.environ["LANCE_HOME"] = str(Path(args.home).expanduser().resolve())
+        os.environ["LANCE_HOME"] = str(Path(args.home).expanduser().resolve())
     from lance_app.catalog import apply_shared_defaults
 
-    for key, value in apply_shared_defaults(env).items():
+    for key, value in apply_shared_defaults(os.environ).items():
         print(f"{key}={value} (../shared found)", flush=True)
-    print(f"LANCE Lab on http://{args.address}:{args.port}  (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(streamlit_argv(args.port, args.address), env=env, cwd=str(main.parent.parent))
+    seconds = preload()
+    print(f"LANCE Lab on http://{args.address}:{args.port}  (modules loaded in {seconds:.1f} s; Ctrl-C stops it)",
+          flush=True)
+    os.chdir(main.parent.parent)
+    from streamlit.web import cli as streamlit_cli
+
+    try:  # in-process, so the preloaded modules serve the page scripts
+        streamlit_cli.main(args=streamlit_argv(args.port, args.address)[3:], prog_name="streamlit",
+                           standalone_mode=False)
     except KeyboardInterrupt:
-        return 0
+        pass
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
