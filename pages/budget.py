@@ -8,7 +8,8 @@ import streamlit as st
 
 from lance_app import figures
 from lance_app.calib import calibration_controls, calibration_view
-from lance_app.catalog import Unavailable, engine_attr, engine_attr_any
+from lance_app.catalog import Unavailable, engine_attr_any
+from lance_app.predict import step_flops
 from lance_app.state import setup_config, show_error
 
 st.title("Budget")
@@ -65,15 +66,24 @@ st.dataframe(table, hide_index=True, key="budget_table")
 st.plotly_chart(figures.budget_bars_figure(table["layer"], table["bytes"], table["vanilla bytes"],
                                            budget_bytes=selection.budget_bytes), key="budget_bars")
 
-try:
-    predict = engine_attr("engine.flops", "predict_training_flops")
-    flops = predict(view["result"], selection)
-    st.metric("Predicted training FLOPs per step", f"{flops:.3g}")
-except Unavailable:
-    st.caption("Predicted FLOPs: the engine's FLOP counter (engine.flops) is not available in this "
-               "installation; `lance finetune` reports measured FLOPs per step.")
-except Exception as exc:
-    show_error(f"FLOP prediction failed: {exc}", exc)
+st.markdown("**Predicted FLOPs per training step** of the fine-tuned layers (engine counters, 2 per "
+            "multiply-add, on a fresh copy of the backbone and one calibration batch)")
+ranks = {c.name: tuple(c.ranks) for c in selection.layers}
+flops_key = (cfg["backbone"], cfg["weights"], cfg["dataset"], tuple(sorted(ranks.items())), view["batch_size"],
+             int(cfg.get("resolution") or 0), int(cfg["seed"]))
+known = st.session_state.setdefault("budget_flops", {})
+if st.button("Predict FLOPs for this choice", key="budget_predict") and flops_key not in known:
+    try:
+        with st.spinner("Counting FLOPs of two training steps…"):
+            known[flops_key] = step_flops(cfg["backbone"], cfg["weights"], cfg["dataset"], ranks,
+                                          view["batch_size"], cfg.get("resolution") or None, int(cfg["seed"]))
+    except Exception as exc:
+        show_error(f"FLOP prediction failed: {exc}", exc)
+if flops_key in known:
+    f1, f2, f3 = st.columns(3)
+    f1.metric("ASI at these ranks", f"{known[flops_key]['asi'] / 1e6:,.1f} MFLOP")
+    f2.metric("Vanilla", f"{known[flops_key]['vanilla'] / 1e6:,.1f} MFLOP")
+    f3.metric("Ratio", f"{known[flops_key]['asi'] / max(1, known[flops_key]['vanilla']):.2f}×")
 
 st.session_state["asi_budget"] = budget_text
 st.caption("The Fine-tune page's ASI budget field uses this budget.")

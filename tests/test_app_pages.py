@@ -132,6 +132,11 @@ def test_budget_page_exact_choice_and_readable_errors(calibrated_home, monkeypat
     bars = charts(at)["activation bytes per fine-tuned layer"]["data"]
     assert bars[0]["y"] == [float(b) for b in table["bytes"]]
     assert bars[1]["y"] == [float(b) for b in table["vanilla bytes"]]
+    at.button(key="budget_predict").click().run()
+    no_exception(at)
+    flops = {m.label: float(m.value.split()[0].replace(",", "")) for m in at.metric if "FLOP" in m.value}
+    assert set(flops) == {"ASI at these ranks", "Vanilla"} and all(v > 0 for v in flops.values())
+    assert flops["ASI at these ranks"] != flops["Vanilla"]
     at.text_input(key="budget_text").set_value("10").run()
     assert "least total that fits is" in at.error[0].value
     assert not at.exception
