@@ -284,3 +284,16 @@ def test_validate_accepts_the_defaults():
     cfg = validate(FinetuneConfig(backbone="small-cnn", dataset="digits", methods=["vanilla", "hosvd", "lance"]))
     assert cfg.eps_for("hosvd") == 0.8 and cfg.eps_for("lance") == 0.7
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip, cfg.batch_size) == (0.05, 0.0, 1e-4, 2.0, 128)
+
+
+def test_feature_cache_trains_like_whole_images():
+    store = RunStore()
+    cached = run_finetune(tiny(methods=["asi"]), store=store)[0]
+    whole = run_finetune(tiny(methods=["asi"], feature_cache=False), store=store)[0]
+    assert store.get_run(cached.run_id)["config"]["input"] == "features"
+    assert store.get_run(whole.run_id)["config"]["input"] == "images"
+    for key in ("loss", "layer_activation_bytes", "analytic_activation_bytes"):
+        a = [r["value"] for r in store.metrics(cached.run_id, key=key, split="train")]
+        b = [r["value"] for r in store.metrics(whole.run_id, key=key, split="train")]
+        assert a == pytest.approx(b, rel=1e-4), key
+    assert cached.summary["val_acc"] == pytest.approx(whole.summary["val_acc"], abs=1e-9)

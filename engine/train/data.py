@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 CALIBRATION_EPOCH = -1
+DISK_CACHE_FROM_BYTES = 16 * 2**20
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -114,4 +115,6 @@ def frozen_features(prefix: nn.Module, dataset: Dataset, key: dict, device: str 
         from engine.data.feature_cache import cached_features
     except ImportError:
         return compute_features(prefix, dataset, device=device), time.perf_counter() - start
-    return cached_features(prefix, dataset, key, device=device), time.perf_counter() - start
+    # beyond a few MB the features go to a reusable file (a rerun of the same setup skips the prefix)
+    return (cached_features(prefix, dataset, key, device=device, in_memory_max_bytes=DISK_CACHE_FROM_BYTES),
+            time.perf_counter() - start)
