@@ -1,0 +1,112 @@
+"""Epoch time of last-k fine-tuning with and without the frozen-prefix feature cache.
+
+    python3 -m engine.data.cache_bench --backbone mcunet-in3 --dataset cifar10-jpeg \
+        --data-root ../shared/datasets --weights-dir ../shared/weights --layers 4 --limit 2000
+
+Trains the last ``--layers`` Conv2d/Linear layers (plain SGD, every BatchNorm in eval mode, the rest
+frozen) for one epoch over ``--limit`` training images (seeded subset) on the whole images, then
+builds the cache (timed separately: it is one forward pass of the prefix) and trains one epoch from
+the cached features. Prints per-epoch times, per-image times and the extrapolation to the full
+training split; ``--json FILE`` writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    try:
+        from engine import compressible_layers
+
+        return list(compressible_layers(model))
+    except ImportError:
+        return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _epoch(step_inputs, model_fn, params, batches) -> float:
+    """Seconds for one epoch of SGD steps; ``step_inputs(positions) -> (input, y)``."""
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    start = time.perf_counter()
+    for positions in batches:
+        inputs, y = step_inputs(positions)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model_fn(inputs), y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="mcunet-in3")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--weights-dir", default=None)
+    parser.add_argument("--dataset", default="cifar10-jpeg")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's native resolution")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--limit", type=int, default=2000, help="training images used (0: the whole split)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from engine.data import get_dataset, num_classes
+    from engine.data.feature_cache import cached_features, feature_key
+    from engine.models import build_backbone, split_at_stage, stage_of_layer
+
+    classes = num_classes(args.dataset, args.data_root)
+    torch.manual_seed(0)
+    bb = build_backbone(args.backbone, weights=args.weights, num_classes=classes, weights_dir=args.weights_dir)
+    resolution = args.resolution or bb.resolution
+    full = get_dataset(args.dataset, "train", resolution, bb.mean, bb.std, data_root=args.data_root)
+    n = len(full) if not args.limit else min(args.limit, len(full))
+    data = full.subset(np.sort(np.random.default_rng(0).choice(len(full), n, replace=False)))
+    model = bb.model
+    trained = _layer_names(model)[-args.layers:]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in trained:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()  # BN statistics frozen, as compress_model keeps them
+    cut = stage_of_layer(model, trained[0])
+    prefix, suffix = split_at_stage(model, cut)
+    batches = [range(s, min(n, s + args.batch_size)) for s in range(0, n, args.batch_size)]
+
+    uncached_s = _epoch(data.batch, model, params, batches)
+    start = time.perf_counter()
+    feats = cached_features(prefix, data, feature_key(args.backbone, bb.weights, args.dataset, "train", resolution,
+                                                      cut, limit=n), batch_size=128)
+    build_s = time.perf_counter() - start
+    cached_s = _epoch(feats.batch, suffix, params, batches)
+    scale = len(full) / n
+    result = {
+        "backbone": args.backbone, "dataset": args.dataset, "resolution": resolution, "layers": trained,
+        "cut_stage": suffix.names[0], "feature_shape": list(feats.feature_shape), "images": n,
+        "full_split_images": len(full), "batch_size": args.batch_size, "threads": args.threads,
+        "load_average": os.getloadavg()[0],
+        "uncached_epoch_s": round(uncached_s, 2), "cache_build_s": round(build_s, 2), "cached_epoch_s": round(cached_s, 3),
+        "uncached_ms_per_image": round(1000 * uncached_s / n, 3), "cached_ms_per_image": round(1000 * cached_s / n, 4),
+        "speedup": round(uncached_s / cached_s, 1),
+        "full_split_uncached_epoch_s_extrapolated": round(uncached_s * scale, 1),
+        "full_split_cached_epoch_s_extrapolated": round(cached_s * scale, 1),
+        "full_split_cache_bytes": int(np.prod(feats.feature_shape)) * 4 * len(full),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
