@@ -103,17 +103,18 @@ def clip_ranks(ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(max(1, min(int(r), int(d))) for r, d in zip(ranks, shape))
 
 
-def leading_factors(activation: torch.Tensor) -> list[torch.Tensor]:
+def leading_factors(activation: torch.Tensor, grams: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Every mode's Gram eigenvectors, leading first: ``[(D_m, D_m)]`` in the activation's dtype.
 
     Computed once per layer; the factor at rank ``r`` is the first ``r`` columns, so a whole ε grid
-    costs one eigendecomposition per mode instead of one per ε.
+    costs one eigendecomposition per mode instead of one per ε. ``grams``: the activation's per-mode
+    Grams when already computed (e.g. by the spectra pass over the same batch).
     """
     from engine.calibration.spectra import unfolding_gram
 
     factors = []
     for mode in range(activation.ndim):
-        gram = unfolding_gram(activation, mode)  # float64
+        gram = unfolding_gram(activation, mode) if grams is None else grams[mode].double()
         _, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
         factors.append(vectors.flip(1).to(activation.dtype))
     return factors
@@ -142,17 +143,21 @@ def truncate(activation: torch.Tensor, full_factors: Sequence[torch.Tensor], ran
 
 
 @torch.no_grad()
-def gradient_errors(captured: CapturedLayer, ranks_per_choice: Sequence[Sequence[int]]) -> list[dict]:
+def gradient_errors(captured: CapturedLayer, ranks_per_choice: Sequence[Sequence[int]],
+                    grams: Sequence[torch.Tensor] | None = None) -> list[dict]:
     """For each ranks tuple: ``{"ranks", "perplexity", "relative_perplexity"}`` of the compressed gradient.
 
     The activation is HOSVD-truncated to ``ranks`` (leading Gram eigenvectors of each unfolding) and
     :func:`engine.functional.tucker_weight_grad` computes dW in compressed space (methods.md §3).
+    ``grams``: the activation's per-mode Gram matrices, if already computed.
     """
     from engine.functional import tucker_weight_grad
 
     exact = captured.weight_grad.double()
     norm = float(torch.linalg.vector_norm(exact))
-    full_factors = leading_factors(captured.activation)
+    if grams is not None and [tuple(g.shape) for g in grams] != [(d, d) for d in captured.activation.shape]:
+        grams = None  # not this activation's Grams (another batch size): recompute
+    full_factors = leading_factors(captured.activation, grams)
     rows = []
     cache: dict[tuple, dict] = {}
     for ranks in ranks_per_choice:

@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.calibration import cache as cache_mod
 from engine.calibration.perplexity import capture_layer_gradients, clip_ranks, gradient_errors
-from engine.calibration.spectra import collect_spectra
+from engine.calibration.spectra import SpectraCollector
 
 DEFAULT_EPS_GRID: tuple[float, ...] = tuple(round(0.4 + 0.05 * i, 2) for i in range(12))  # 0.40 … 0.95
 ELEMENT_BYTES = 4  # float32 activations
@@ -150,6 +150,10 @@ def calibrate_model(
 ) -> CalibrationResult:
     """Spectra over all ``batches`` for every compressible layer, perplexity on ``batches[0]`` for the fine-tuned ones.
 
+    ``batches[0]`` runs once, with grad (its forward feeds both the spectra and the perplexity capture);
+    the other batches run under ``no_grad``. Timing: ``capture_s`` (that pass), ``spectra_s`` (the
+    rest of the spectra), ``perplexity_s`` (compressed gradients per ε).
+
     ``batches``: a sequence of ``(x, y)`` pairs, ``x`` e.g. ``(B, 3, H, W)``. ``finetuned_layers``: ``K``
     (the last K compressible layers), names, or ``None``/``"all"``. The model runs in eval mode;
     ``loss_fn(model(x), y)`` is the fine-tuning loss (use the real head). Ranks per ε come from the
@@ -166,15 +170,41 @@ def calibrate_model(
     spectra_names = list(spectra_layers) if spectra_layers is not None else all_layers
     finetuned = resolve_layers(all_layers, finetuned_layers)
     spectra_names = [n for n in all_layers if n in set(spectra_names) | set(finetuned)]
-    if progress:
-        progress("spectra", 0, len(batches))
-    start = time.perf_counter()
-    spectra = collect_spectra(model, spectra_names, batches, device=device)
-    spectra_s = time.perf_counter() - start
-
-    x, y = _split_batch(batches[0])
+    if finetuned:
+        x, y = _split_batch(batches[0])
+    else:  # spectra only: plain input batches are fine
+        x, y = (batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]), None
     if device is not None:
         x, y = x.to(device), (y.to(device) if isinstance(y, torch.Tensor) else y)
+    if progress:
+        progress("spectra", 0, len(batches))
+    # Batch 0 runs once, with grad: its forward feeds the spectra hooks and the perplexity capture.
+    start = time.perf_counter()
+    capture_s = 0.0
+    captured: dict = {}
+    was_training = model.training
+    try:
+        with SpectraCollector(model, spectra_names, keep_first_grams=finetuned) as collector:
+            if finetuned:
+                captured = capture_layer_gradients(model, finetuned, x, y, loss_fn)
+                capture_s = time.perf_counter() - start
+                rest = batches[1:]
+            else:
+                rest = batches
+            collector.batches += len(batches) - len(rest)
+            model.eval()
+            with torch.no_grad():
+                for k, batch in enumerate(rest):
+                    xb = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    model(xb if device is None else xb.to(device))
+                    collector.count_batch()
+                    if progress:
+                        progress("spectra", collector.batches, len(batches))
+    finally:
+        model.train(was_training)
+    spectra = collector.finish()
+    spectra_s = time.perf_counter() - start - capture_s
+
     start = time.perf_counter()
     rows: dict[str, list[dict]] = {}
     grad_norms: dict[str, float] = {}
@@ -182,11 +212,10 @@ def calibrate_model(
     if finetuned:
         if progress:
             progress("perplexity", 0, len(finetuned))
-        captured = capture_layer_gradients(model, finetuned, x, y, loss_fn)
         for k, name in enumerate(finetuned):
             cap = captured.pop(name)  # free each layer's tensors as soon as it is measured
             ranks = [clip_ranks(spectra[name].ranks(e), cap.activation.shape) for e in grid]
-            rows[name] = gradient_errors(cap, ranks)
+            rows[name] = gradient_errors(cap, ranks, grams=collector.first_grams(name))
             grad_norms[name] = float(torch.linalg.vector_norm(cap.weight_grad.double()))
             shapes[name] = list(cap.activation.shape)
             del cap
@@ -216,7 +245,7 @@ def calibrate_model(
         batch_size=int(x.shape[0]),
         layers=layers_out,
         finetuned_layers=finetuned,
-        timing={"spectra_s": spectra_s, "perplexity_s": perplexity_s, "batches": len(batches),
+        timing={"spectra_s": spectra_s, "perplexity_s": perplexity_s, "capture_s": capture_s, "batches": len(batches),
                 "spectra_layers": len(spectra_names), "finetuned_layers": len(finetuned)},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -124,6 +124,8 @@ class _LayerAccumulator:
     batch_energy: list = field(default_factory=list)  # per batch: normalised batch-mode energy
     batch_eig: list = field(default_factory=list)
     calls: int = 0
+    keep_first_grams: bool = False
+    first_grams: list | None = None  # every mode's Gram of the first batch (float64), when kept
 
     def add(self, layer: nn.Module, activation: torch.Tensor) -> None:
         if not self.modes:
@@ -137,12 +139,14 @@ class _LayerAccumulator:
             )
         self.calls += 1
         self.samples += int(activation.shape[0])
-        batch_eig = gram_eigenvalues(unfolding_gram(activation, 0))
+        grams = [unfolding_gram(activation, m) for m in range(activation.ndim)]
+        if self.keep_first_grams and self.first_grams is None:
+            self.first_grams = grams
+        batch_eig = gram_eigenvalues(grams[0])
         self.batch_eig.append(batch_eig)
         self.batch_energy.append(normalised_energy(batch_eig))
         for m in range(1, activation.ndim):
-            g = unfolding_gram(activation, m)
-            self.gram_sums[m] = g if self.gram_sums[m] is None else self.gram_sums[m] + g
+            self.gram_sums[m] = grams[m] if self.gram_sums[m] is None else self.gram_sums[m] + grams[m]
 
     def finish(self) -> list[ModeSpectrum]:
         if self.calls == 0:
@@ -191,6 +195,63 @@ def _input_of(batch) -> torch.Tensor:
     return batch
 
 
+class SpectraCollector:
+    """Forward hooks that accumulate every named layer's input spectra while the model runs.
+
+    Use as a context manager around forward passes (with or without grad), counting each model
+    forward with :meth:`count_batch`; :meth:`finish` returns ``{name: LayerSpectra}``. Layers in
+    ``keep_first_grams`` also keep their first batch's per-mode Grams (``first_grams(name)``), so a
+    perplexity measurement on that batch needs no second Gram pass.
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Sequence[str], keep_first_grams: Sequence[str] = ()):
+        modules = dict(model.named_modules())
+        missing = [n for n in layer_names if n not in modules]
+        if missing:
+            raise KeyError(f"no such layer(s) in the model: {missing}; see engine.surgery.compressible_layers(model)")
+        for name in layer_names:
+            if not isinstance(modules[name], (nn.Conv2d, nn.Linear)):
+                raise TypeError(f"layer {name!r} is {type(modules[name]).__name__}; "
+                                "spectra are for Conv2d and Linear inputs")
+        keep = set(keep_first_grams)
+        self.names = list(layer_names)
+        self.modules = {n: modules[n] for n in self.names}
+        self.accs = {n: _LayerAccumulator(keep_first_grams=n in keep) for n in self.names}
+        self.batches = 0
+        self._handles: list = []
+
+    def __enter__(self) -> "SpectraCollector":
+        for name in self.names:
+            def hook(mod, inputs, _output, _name=name):
+                self.accs[_name].add(mod, inputs[0].detach())
+
+            self._handles.append(self.modules[name].register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def count_batch(self) -> None:
+        self.batches += 1
+
+    def first_grams(self, name: str) -> list[torch.Tensor] | None:
+        return self.accs[name].first_grams
+
+    def finish(self) -> dict[str, LayerSpectra]:
+        if self.batches == 0:
+            raise ValueError("no calibration batches: the data loader was empty")
+        out = {}
+        for name in self.names:
+            acc = self.accs[name]
+            if acc.calls == 0:
+                raise RuntimeError(f"layer {name!r} never ran in the forward pass, so it has no spectrum")
+            kind = "conv" if isinstance(self.modules[name], nn.Conv2d) else "linear"
+            out[name] = LayerSpectra(name, kind, list(acc.shape), acc.samples, self.batches, acc.finish())
+        return out
+
+
 @torch.no_grad()
 def collect_spectra(
     model: nn.Module,
@@ -205,44 +266,16 @@ def collect_spectra(
     ``layer_names``: qualified module names of ``nn.Conv2d`` / ``nn.Linear`` layers.
     The model's train/eval mode is restored afterwards.
     """
-    modules = dict(model.named_modules())
-    missing = [n for n in layer_names if n not in modules]
-    if missing:
-        raise KeyError(f"no such layer(s) in the model: {missing}; see engine.surgery.compressible_layers(model)")
-    accs = {n: _LayerAccumulator() for n in layer_names}
-    handles = []
-    for name in layer_names:
-        layer = modules[name]
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            raise TypeError(f"layer {name!r} is {type(layer).__name__}; spectra are for Conv2d and Linear inputs")
-
-        def hook(mod, inputs, _output, _name=name):
-            accs[_name].add(mod, inputs[0])
-
-        handles.append(layer.register_forward_hook(hook))
     was_training = model.training
     model.eval()
-    used = 0
     try:
-        for batch in batches:
-            if max_batches is not None and used >= max_batches:
-                break
-            x = _input_of(batch)
-            if device is not None:
-                x = x.to(device)
-            model(x)
-            used += 1
+        with SpectraCollector(model, layer_names) as collector:
+            for batch in batches:
+                if max_batches is not None and collector.batches >= max_batches:
+                    break
+                x = _input_of(batch)
+                model(x if device is None else x.to(device))
+                collector.count_batch()
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    if used == 0:
-        raise ValueError("no calibration batches: the data loader was empty")
-    out = {}
-    for name in layer_names:
-        acc = accs[name]
-        if acc.calls == 0:
-            raise RuntimeError(f"layer {name!r} never ran in the forward pass, so it has no spectrum")
-        kind = "conv" if isinstance(modules[name], nn.Conv2d) else "linear"
-        out[name] = LayerSpectra(name, kind, list(acc.shape), acc.samples, used, acc.finish())
-    return out
+    return collector.finish()
