@@ -324,3 +324,44 @@ def test_mcunet_in3_cifar10_perplexity_falls_with_eps(monkeypatch):
         total += np.array(layer["perplexity"])
     assert np.all(np.diff(total) <= 1e-9), total
     assert math.isfinite(result.timing["total_s"])
+
+
+class _WeightOnly(nn.Module):
+    """Like torchvision's Swin attention: ``proj``'s weight is applied with F.linear, the module never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.proj = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(F.linear(torch.relu(self.fc(x)), self.proj.weight, self.proj.bias))
+
+
+def test_layers_whose_module_never_runs_are_reported_not_fatal():
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    result = calibrate_model(_WeightOnly(), batches, ["head"], [0.5, 0.9])
+    assert [layer["name"] for layer in result.layers] == ["fc", "head"]
+    assert list(result.skipped_layers) == ["proj"] and "never called" in result.skipped_layers["proj"]
+    with pytest.raises(RuntimeError, match="never ran"):
+        calibrate_model(_WeightOnly(), batches, ["proj", "head"], [0.5, 0.9])
+
+
+def test_select_ranks_on_plain_arrays():
+    from engine.calibration import select_ranks_from_arrays
+
+    selection = select_ranks_from_arrays(
+        names=["a", "b"], eps_grid=[0.5, 0.9],
+        ranks=[[(2, 1), (4, 3)], [(1, 1), (3, 3)]],
+        bytes_=[[100, 400], [50, 300.2]],
+        perplexity=[[1.0, 0.1], [2.0, 0.5]],
+        budget="0.5kB",
+    )
+    # within 500 bytes: 100 + 50 (error 3.0), 400 + 50 (2.1), 100 + 301 (1.5, best); 400 + 301 is over
+    assert [(c.name, c.eps, c.bytes) for c in selection.layers] == [("a", 0.5, 100), ("b", 0.9, 301)]
+    assert selection.total_bytes == 401 and selection.total_perplexity == pytest.approx(1.5)
+    assert selection.ranks_by_layer() == {"a": (2, 1), "b": (3, 3)}
+    with pytest.raises(ValueError, match="one row per layer"):
+        select_ranks_from_arrays(["a"], [0.5], [[(1,)], [(1,)]], [[1]], [[1.0]], 10)

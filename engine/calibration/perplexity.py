@@ -77,6 +77,11 @@ def capture_layer_gradients(
         with torch.enable_grad():
             loss = loss_fn(model(inputs), targets)
             loss.backward()
+        never = [n for n, c in calls.items() if c == 0]
+        if never:
+            raise RuntimeError(f"layer(s) {never} never ran as modules in the forward pass (the model applies "
+                               "their weights directly), so their gradients cannot be measured or compressed; "
+                               "fine-tune other layers (e.g. fewer last layers)")
         reused = [n for n, c in calls.items() if c != 1]
         if reused:
             raise RuntimeError(f"layer(s) {reused} ran {[calls[n] for n in reused]} times in one forward pass; "

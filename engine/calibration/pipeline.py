@@ -50,6 +50,7 @@ class CalibrationResult:
     timing: dict = field(default_factory=dict)
     cache_key: str | None = None
     from_cache: bool = False
+    skipped_layers: dict = field(default_factory=dict)  # {name: why it has no spectrum}
     created_at: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -93,10 +94,8 @@ class CalibrationResult:
 
 def compressible_layer_names(model: nn.Module) -> list[str]:
     """Every ``nn.Conv2d`` / ``nn.Linear`` in definition order (engine.surgery's rule)."""
-    try:
-        from engine.surgery import compressible_layers
-    except ImportError:  # the engine core's surgery module is optional for this package
-        return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    from engine.surgery import compressible_layers
+
     return list(compressible_layers(model))
 
 
@@ -203,6 +202,9 @@ def calibrate_model(
     finally:
         model.train(was_training)
     spectra = collector.finish()
+    skipped = {name: "its module is never called in forward (the model uses its weight directly), "
+                     "so neither hooks nor compressed layers see it" for name in collector.never_ran()}
+    spectra_names = [n for n in spectra_names if n in spectra]
     spectra_s = time.perf_counter() - start - capture_s
 
     start = time.perf_counter()
@@ -245,6 +247,7 @@ def calibrate_model(
         batch_size=int(x.shape[0]),
         layers=layers_out,
         finetuned_layers=finetuned,
+        skipped_layers=skipped,
         timing={"spectra_s": spectra_s, "perplexity_s": perplexity_s, "capture_s": capture_s, "batches": len(batches),
                 "spectra_layers": len(spectra_names), "finetuned_layers": len(finetuned)},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

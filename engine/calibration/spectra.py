@@ -239,14 +239,20 @@ class SpectraCollector:
     def first_grams(self, name: str) -> list[torch.Tensor] | None:
         return self.accs[name].first_grams
 
+    def never_ran(self) -> list[str]:
+        """Layers whose module was never called, e.g. torchvision's Swin attention, which applies
+        ``F.linear(x, self.qkv.weight)`` directly: they have no spectrum (and hooks cannot see them)."""
+        return [n for n in self.names if self.accs[n].calls == 0]
+
     def finish(self) -> dict[str, LayerSpectra]:
+        """``{name: LayerSpectra}`` for every layer that ran (see :meth:`never_ran` for the others)."""
         if self.batches == 0:
             raise ValueError("no calibration batches: the data loader was empty")
         out = {}
         for name in self.names:
             acc = self.accs[name]
             if acc.calls == 0:
-                raise RuntimeError(f"layer {name!r} never ran in the forward pass, so it has no spectrum")
+                continue
             kind = "conv" if isinstance(self.modules[name], nn.Conv2d) else "linear"
             out[name] = LayerSpectra(name, kind, list(acc.shape), acc.samples, self.batches, acc.finish())
         return out
