@@ -108,64 +108,59 @@ def _lower_convex_hull(cost: np.ndarray, value: np.ndarray) -> tuple[np.ndarray,
 
 
 class _LPBound:
-    """LP-relaxation lower bound of ``min Σ value`` over a set of groups, as a function of their budget.
+    """LP-relaxation lower bounds of ``min Σ value`` over the suffixes ``groups[i:]``, as functions of budget.
 
     The relaxation of a multiple-choice knapsack is solved by taking every group's cheapest hull point
     and then buying hull segments in order of steepest value decrease per unit cost. The result is a
-    convex, piecewise-linear, non-increasing function of the budget: evaluated with ``np.interp``.
-    A budget below the cheapest total means infeasible (+inf).
+    convex, piecewise-linear, non-increasing function of the budget, evaluated with ``np.interp``;
+    a budget below the cheapest total is infeasible (+inf). All segments are sorted by slope once;
+    each suffix keeps those of its groups.
     """
 
     def __init__(self, hulls: list[tuple[np.ndarray, np.ndarray]]):
-        base_cost = sum(float(c[0]) for c, _ in hulls)
-        base_value = sum(float(v[0]) for _, v in hulls)
-        seg_dc, seg_dv = [], []
-        for c, v in hulls:
-            if c.size > 1:
-                seg_dc.append(np.diff(c))
-                seg_dv.append(np.diff(v))
-        if seg_dc:
-            dc = np.concatenate(seg_dc)
-            dv = np.concatenate(seg_dv)
-            order = np.argsort(dv / dc, kind="stable")  # most negative slope first
-            self.knots_cost = np.concatenate([[base_cost], base_cost + np.cumsum(dc[order])])
-            self.knots_value = np.concatenate([[base_value], base_value + np.cumsum(dv[order])])
-        else:
-            self.knots_cost = np.array([base_cost])
-            self.knots_value = np.array([base_value])
-        self.min_cost = base_cost
+        n = len(hulls)
+        base_cost = np.array([float(c[0]) for c, _ in hulls])
+        base_value = np.array([float(v[0]) for _, v in hulls])
+        self.suffix_cost = np.concatenate([np.cumsum(base_cost[::-1])[::-1], [0.0]])
+        self.suffix_value = np.concatenate([np.cumsum(base_value[::-1])[::-1], [0.0]])
+        dc = [np.diff(c) for c, _ in hulls]
+        dv = [np.diff(v) for _, v in hulls]
+        self.seg_group = np.concatenate([np.full(d.size, i) for i, d in enumerate(dc)]) if n else np.zeros(0, int)
+        self.seg_dc = np.concatenate(dc) if n else np.zeros(0)
+        self.seg_dv = np.concatenate(dv) if n else np.zeros(0)
+        order = np.argsort(self.seg_dv / np.where(self.seg_dc > 0, self.seg_dc, 1.0), kind="stable")
+        self.seg_group, self.seg_dc, self.seg_dv = self.seg_group[order], self.seg_dc[order], self.seg_dv[order]
+        self._knots: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def __call__(self, budget: np.ndarray) -> np.ndarray:
-        out = np.interp(budget, self.knots_cost, self.knots_value)
-        return np.where(budget < self.min_cost, np.inf, out)
+    def knots(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        if start not in self._knots:
+            keep = self.seg_group >= start
+            cost = np.concatenate([[self.suffix_cost[start]], self.suffix_cost[start] + np.cumsum(self.seg_dc[keep])])
+            value = np.concatenate([[self.suffix_value[start]], self.suffix_value[start] + np.cumsum(self.seg_dv[keep])])
+            self._knots[start] = (cost, value)
+        return self._knots[start]
 
+    def __call__(self, start: int, budget: np.ndarray) -> np.ndarray:
+        """Lower bound on the least ``Σ value`` of groups ``start..`` within ``budget`` (array)."""
+        cost, value = self.knots(start)
+        out = np.interp(budget, cost, value)
+        return np.where(budget < cost[0], np.inf, out)
 
-def _greedy_incumbent(costs, values, budget) -> float:
-    """Value of a feasible solution (an upper bound on the optimum): cheapest everywhere, then the
-    best-value-per-byte upgrades that still fit, repeated until none fits."""
-    choice = [0] * len(costs)
-    for i, (c, v) in enumerate(zip(costs, values)):  # the best value among the cheapest options
-        cheapest = c == c.min()
-        choice[i] = int(np.flatnonzero(cheapest)[np.argmin(v[cheapest])])
-    spent = sum(int(c[j]) for c, j in zip(costs, choice))
-    while True:
-        best = None
-        for i, (c, v) in enumerate(zip(costs, values)):
-            dc = c - c[choice[i]]
-            dv = v - v[choice[i]]
-            ok = (dv < 0) & (spent + dc <= budget)
-            if not ok.any():
+    def incumbent(self, hulls, budget: int) -> float:
+        """A feasible solution's value (an upper bound on the optimum): the LP's greedy order, taking a
+        hull segment only while it fits (a group whose segment does not fit stops there)."""
+        pos = [0] * len(hulls)  # index of the chosen hull point per group
+        spent = float(self.suffix_cost[0])
+        blocked = np.zeros(len(hulls), dtype=bool)
+        for g, dc in zip(self.seg_group.tolist(), self.seg_dc.tolist()):
+            if blocked[g]:
                 continue
-            ratio = np.where(ok, dv / np.maximum(dc, 1), np.inf)
-            j = int(np.argmin(ratio))
-            if best is None or ratio[j] < best[0]:
-                best = (ratio[j], i, j)
-        if best is None:
-            break
-        _, i, j = best
-        spent += int(costs[i][j] - costs[i][choice[i]])
-        choice[i] = j
-    return float(sum(float(v[j]) for v, j in zip(values, choice)))
+            if spent + dc <= budget:
+                spent += dc
+                pos[g] += 1
+            else:
+                blocked[g] = True
+        return float(sum(float(hv[p]) for (_, hv), p in zip(hulls, pos)))
 
 
 def solve_multiple_choice_knapsack(
@@ -200,12 +195,12 @@ def solve_multiple_choice_knapsack(
         kept_cost.append(int_costs[i][idx])
         kept_value.append(float_values[i][idx])
 
-    # suffix_min_cost[i]: least cost of groups i..n-1; suffix_bound[i]: LP lower bound for groups i..n-1.
+    # suffix_min_cost[i]: least cost of groups i..n-1; bound(i, b): LP lower bound for groups i..n-1.
     suffix_min_cost = np.zeros(n + 1, dtype=np.int64)
     suffix_min_cost[:n] = np.cumsum(min_costs[::-1])[::-1]
     hulls = [_lower_convex_hull(c, v) for c, v in zip(kept_cost, kept_value)]
-    suffix_bound = [_LPBound(hulls[i:]) for i in range(n)] + [None]
-    incumbent = _greedy_incumbent(kept_cost, kept_value, budget_int)
+    bound = _LPBound(hulls)
+    incumbent = bound.incumbent(hulls, budget_int)
     tolerance = 1e-9 * max(1.0, abs(incumbent))
 
     front_cost = np.zeros(1, dtype=np.int64)
@@ -219,9 +214,9 @@ def solve_multiple_choice_knapsack(
         cand_cost = (front_cost[:, None] + c[None, :]).reshape(-1)
         cand_value = (front_value[:, None] + v[None, :]).reshape(-1)
         ok = cand_cost + suffix_min_cost[i + 1] <= budget_int
-        if suffix_bound[i + 1] is not None:
+        if i + 1 < n:
             remaining = (budget_int - cand_cost).astype(np.float64)
-            ok &= cand_value + suffix_bound[i + 1](remaining) <= incumbent + tolerance
+            ok &= cand_value + bound(i + 1, remaining) <= incumbent + tolerance
         else:
             ok &= cand_value <= incumbent + tolerance
         flat = np.flatnonzero(ok)
