@@ -172,6 +172,8 @@ def run(args) -> int:
             print(f"[{r.method}] {r.status}: {r.message}", file=sys.stderr)
     if any(r.status == "interrupted" for r in results):
         return 130
+    if any(r.bad_argument for r in results):
+        return 2
     if any(r.status == "failed" for r in results):
         return 1
     return 0

@@ -396,6 +396,7 @@ class RunResult:
     status: str
     message: str | None
     summary: dict[str, Any]
+    bad_argument: bool = False  # failed because of an argument only checkable during setup
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "method": self.method, "status": self.status, "message": self.message,
@@ -471,7 +472,8 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
 
     Statuses: completed; failed (diverged loss, an error: the message says why); interrupted
     (Ctrl-C / SIGTERM: every metric so far is kept, the remaining methods do not start).
-    Raises ConfigError for bad arguments (before any run is created when the check is cheap).
+    Raises ConfigError for bad arguments found before any run is created; one found during a run's
+    setup (an infeasible budget, a ranks file for other layers) fails that run (``bad_argument``).
     """
     from engine.store import RunStore
 
@@ -511,9 +513,10 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
                        f"`lance finetune --resume {run_id}` continues from the last finished epoch")
             results.append(_finish(store, run_id, run_sinks, "interrupted", message))
             break
-        except ConfigError as exc:
-            results.append(_finish(store, run_id, run_sinks, "failed", str(exc)))
-            raise
+        except ConfigError as exc:  # found only now (e.g. an infeasible budget): this run fails, go on
+            result = _finish(store, run_id, run_sinks, "failed", str(exc))
+            result.bad_argument = True
+            results.append(result)
         except Exception as exc:  # noqa: BLE001 - a crash fails this run, the next method still runs
             log(traceback.format_exc())
             results.append(_finish(store, run_id, run_sinks, "failed", f"{type(exc).__name__}: {exc}"))
