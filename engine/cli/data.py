@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 
 def backbone_rows(weights_dir=None) -> list[dict]:
-    from engine.models import SPECS, weights_available
+    from engine.models import SPECS, weight_files, weights_available
     from engine.models.weights import weights_dir as resolve
 
     folder = resolve(weights_dir)
@@ -39,8 +39,10 @@ def backbone_rows(weights_dir=None) -> list[dict]:
             path = weights_available(name, weights_dir)
             row["imagenet_weights"] = str(path) if path else None
             row["available"] = path is not None
+            files, url = weight_files(name)
+            row["weight_files"], row["url"] = files, url
             row["how_to_get"] = (None if path else
-                                 f"put the ImageNet state_dict in {folder}/{name}/ (online: it downloads on first "
+                                 f"put {files[0]} ({url}) in {folder}/{name}/ (online: it downloads on first "
                                  f"use), or run with --weights none / --weights PATH")
         else:
             row.update(imagenet_weights=None, available=True, how_to_get=None)

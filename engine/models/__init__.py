@@ -150,32 +150,36 @@ def mcunet_config(name: str, folder: Path, allow_download: bool = True) -> dict:
     raise WeightsMissing(W.missing_message(name, names, [folder], url))
 
 
-def imagenet_file(name: str, folder: Path, download: bool = True) -> Path:
-    """Path of the ImageNet state_dict file for ``name`` (local, torch hub cache, or downloaded)."""
-    from . import weights as W
-
+def weight_files(name: str) -> tuple[list[str], str]:
+    """(accepted file names of ``name``'s ImageNet weights, upstream download URL)."""
     spec = backbone_spec(name)
     if not spec.pretrained:
         raise ValueError(f"backbone {name!r} has no pretrained weights (it is trained from scratch); "
                          f"use weights='none' (--weights none)")
-    looked_in = [folder]
     if spec.family == "mcunet":
         from .mcunet import MCUNET_URL_BASE
 
         release = spec.extra["release"]
-        names, url = [f"{name}_imagenet.pth", f"{release}.pth"], MCUNET_URL_BASE + release + ".pth"
-    elif spec.family == "vit":
+        return [f"{name}_imagenet.pth", f"{release}.pth"], MCUNET_URL_BASE + release + ".pth"
+    if spec.family == "vit":
         from .vit import DEIT_TINY_URL
 
-        url = DEIT_TINY_URL
-        names = [os.path.basename(url), f"{name}.pth"]
-    else:
+        return [os.path.basename(DEIT_TINY_URL), f"{name}.pth"], DEIT_TINY_URL
+    from .torchvision_models import weights_enum
+
+    url = weights_enum(name).url
+    return [os.path.basename(url), f"{name}.pth"], url
+
+
+def imagenet_file(name: str, folder: Path, download: bool = True) -> Path:
+    """Path of the ImageNet state_dict file for ``name`` (local, torch hub cache, or downloaded)."""
+    from . import weights as W
+
+    names, url = weight_files(name)
+    looked_in = [folder]
+    if backbone_spec(name).family == "torchvision":
         import torch
 
-        from .torchvision_models import weights_enum
-
-        url = weights_enum(name).url
-        names = [os.path.basename(url), f"{name}.pth"]
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         looked_in.append(hub)
         if (hub / names[0]).is_file():
@@ -262,6 +266,6 @@ def build_multihead(name: str, task_classes: list[int], resolution: int = 32, se
 __all__ = [
     "Backbone", "BackboneSpec", "SPECS", "Stage", "StageSequence", "WeightsMissing", "available_backbones",
     "backbone_spec", "build_backbone", "build_multihead", "default_weights", "first_trainable_stage",
-    "head_features", "imagenet_file", "mcunet_config", "replace_head", "split_at_stage", "stage_of_layer",
+    "head_features", "imagenet_file", "weight_files", "mcunet_config", "replace_head", "split_at_stage", "stage_of_layer",
     "weights_available",
 ]
