@@ -474,7 +474,8 @@ class RunStore:
             message = (
                 f"the process (pid {row['pid']}) ended without closing the run (killed or crashed)"
                 + (f"; metrics up to step {last} are kept" if last is not None else "")
-                + "; `lance finetune --resume RUN` continues from the last checkpoint"
+                + (f"; `lance finetune --resume {row['id']}` continues from the last finished epoch"
+                   if self.checkpoint_path(row["id"]).is_file() else "")
             )
             cur = self._write(
                 lambda c, rid=row["id"], pid=row["pid"]: c.execute(

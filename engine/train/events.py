@@ -42,6 +42,7 @@ class RunEnded:
     status: str                 # completed | failed | interrupted
     message: str | None
     summary: dict[str, Any]
+    method: str = ""
 
 
 Event = RunStarted | StepEnded | EpochEnded | RunEnded

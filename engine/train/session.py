@@ -418,8 +418,9 @@ def _finish(store, run_id: str, sinks: list, status: str, message: str | None,
     summary = summarize(store.metrics(run_id))
     summary.update(extra or {})
     summary["status"] = status
-    emit_all(sinks, RunEnded(status=status, message=message, summary=summary))
-    return RunResult(run_id, store.get_run(run_id)["method"], status, message, summary)
+    method = store.get_run(run_id)["method"]
+    emit_all(sinks, RunEnded(status=status, message=message, summary=summary, method=method))
+    return RunResult(run_id, method, status, message, summary)
 
 
 def _train_method(bench: Workbench, method: str, run_id: str, store, sinks: list,
@@ -509,8 +510,12 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
         except KeyboardInterrupt as exc:
             step = store.last_step(run_id)
             reason = str(exc) or "stopped by Ctrl-C"
-            message = (f"{reason} at step {step or 0}; every metric so far is kept; "
-                       f"`lance finetune --resume {run_id}` continues from the last finished epoch")
+            where = f"at step {step}" if step else "during setup, before the first step"
+            if store.checkpoint_path(run_id).is_file():
+                hint = f"`lance finetune --resume {run_id}` continues from the last finished epoch"
+            else:
+                hint = "no epoch had finished, so there is no checkpoint to resume from"
+            message = f"{reason} {where}; every metric so far is kept; {hint}"
             results.append(_finish(store, run_id, run_sinks, "interrupted", message))
             break
         except ConfigError as exc:  # found only now (e.g. an infeasible budget): this run fails, go on

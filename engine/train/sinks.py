@@ -106,7 +106,7 @@ class ProgressSink:
                 self.bar.close()
                 self.bar = None
             s: dict[str, Any] = event.summary
-            line = f"[{self.method}] {event.status}"
+            line = f"[{event.method or self.method}] {event.status}"
             if s.get("val_acc") is not None:
                 line += (f": val acc {s['val_acc']:.2f}%, activations {_fmt_bytes(s.get('layer_activation_bytes'))}"
                          f" (layers) / {_fmt_bytes(s.get('region_activation_bytes'))} (region),"
