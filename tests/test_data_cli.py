@@ -41,3 +41,12 @@ def test_lance_datasets_json_and_table(tmp_path, capsys):
     assert main(["datasets", "--data-root", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "MISSING" in table and "imagefolder:PATH" in table
+
+
+def test_lance_datasets_download_offline_fails_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LANCE_OFFLINE", "1")
+    assert main(["datasets", "--download", "cifar10", "--data-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "download of cifar10 failed" in err and "LANCE_OFFLINE" in err
+    assert main(["datasets", "--download", "notmnist", "--data-root", str(tmp_path)]) == 1
+    assert "cannot be downloaded automatically" in capsys.readouterr().err

@@ -202,6 +202,10 @@ def download(name: str, data_root=None) -> Path:
         return Path(".")
     if spec.download is None:
         raise ValueError(f"{name} cannot be downloaded automatically: {spec.how_to_get}")
+    from engine.models.weights import offline
+
+    if offline():
+        raise OSError(f"LANCE_OFFLINE is set: not downloading {name}; {spec.how_to_get}")
     root = data_roots(data_root)[0]
     root.mkdir(parents=True, exist_ok=True)
     spec.download(root)
