@@ -158,15 +158,14 @@ def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256
         _run_prefix(prefix, dataset, batch_size, device, sink)
         return FeatureDataset(feats, labels)
     tmp = folder / f"{digest}.tmp{os.getpid()}.npy"
-    memmap = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + shape)
+    writer = {"array": np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + shape)}
 
     def sink(start, out, y):
-        memmap[start:start + len(out)] = out.numpy()
+        writer["array"][start:start + len(out)] = out.numpy()
         labels[start:start + len(out)] = y
 
     _run_prefix(prefix, dataset, batch_size, device, sink)
-    memmap.flush()
-    del memmap
+    writer.pop("array").flush()  # and close the write mapping
     np.save(labels_path, labels.numpy())
     meta_path.write_text(json.dumps({**full_key, "shape": [n, *shape], "bytes": total_bytes}, default=str, indent=1))
     os.replace(tmp, path)
