@@ -246,5 +246,5 @@ def usage_figure(df: pd.DataFrame) -> go.Figure:
 
 
 def run_label(run: Mapping) -> str:
-    """Short human label of a run: '<method> #<first 6 of id>'."""
-    return f"{run.get('method', '?')} #{str(run.get('id', ''))[:6]}"
+    """Short human label of a run: '<method> #<last 6 of id>' (ids end in random hex)."""
+    return f"{run.get('method', '?')} #{str(run.get('id', ''))[-6:]}"

@@ -15,7 +15,7 @@ import pandas as pd
 from lance_app.figures import metrics_frame, run_label
 
 TERMINAL = ("completed", "failed", "interrupted")
-POLL_S = float(os.environ.get("LANCE_APP_POLL_S", "1.0"))
+POLL_S = float(os.environ.get("LANCE_APP_POLL_S", "0.5"))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Fine-tune: choose methods, start a job, watch loss / accuracy / bytes / step time / ranks live."""
 from __future__ import annotations
 
+import plotly.graph_objects as go
 import streamlit as st
 
 from lance_app import figures
@@ -68,6 +69,30 @@ job = job_runner().get(job_id)
 extra = job.extra if job else {}
 
 
+def build_figures(df) -> list[tuple[str, object]]:
+    """The six live charts as (widget key, plotly figure)."""
+    acc = figures.metric_figure(df, "acc", split="train", title="accuracy (train steps, val epochs)",
+                                y_title="accuracy (%)")
+    val = df[(df["key"] == "acc") & (df["split"] == "val")] if not df.empty else df
+    for label, part in (val.groupby("label") if not val.empty else []):
+        x = part["step"] if part["step"].notna().all() else part["epoch"]
+        acc.add_trace(go.Scatter(x=x.tolist(), y=part["value"].tolist(), mode="markers",
+                                 marker=dict(size=10, symbol="diamond"), name=f"{label} (val)"))
+    return [
+        ("ft_loss", figures.metric_figure(df, "loss", split="train", title="training loss")),
+        ("ft_acc", acc),
+        ("ft_bytes", figures.metric_figure(df, "layer_activation_bytes", split="train",
+                                           title="measured activation bytes (fine-tuned layers)",
+                                           y_title="bytes", log_y=True)),
+        ("ft_step", figures.metric_figure(df, "step_ms", split="train", title="step time", y_title="ms")),
+        ("ft_ranks", figures.prefixed_metric_figure(df, "rank/", split="train", title="ranks in use",
+                                                    y_title="rank")),
+        ("ft_energy", figures.prefixed_metric_figure(df, "captured_energy/", split="train",
+                                                     title="captured energy of the stored subspace",
+                                                     y_title="fraction")),
+    ]
+
+
 @st.fragment(run_every=POLL_S if alive else None)
 def live_view() -> None:
     now_alive = job_runner().is_alive(job_id)
@@ -83,29 +108,16 @@ def live_view() -> None:
     st.progress(progress, text=f"{progress:.0%} · {len(view.runs)}/{n_runs} run(s) started")
     status_banner(KIND, job_id, view, now_alive)
     df = view.frame
-    c1, c2 = st.columns(2)
-    c1.plotly_chart(figures.metric_figure(df, "loss", split="train", title="training loss"), key="ft_loss")
-    acc = figures.metric_figure(df, "acc", split="train", title="accuracy (train steps, val epochs)",
-                                y_title="accuracy (%)")
-    val = df[(df["key"] == "acc") & (df["split"] == "val")] if not df.empty else df
-    for label, part in (val.groupby("label") if not val.empty else []):
-        import plotly.graph_objects as go
-        x = part["step"] if part["step"].notna().all() else part["epoch"]
-        acc.add_trace(go.Scatter(x=x.tolist(), y=part["value"].tolist(), mode="markers",
-                                 marker=dict(size=10, symbol="diamond"), name=f"{label} (val)"))
-    c2.plotly_chart(acc, key="ft_acc")
-    c3, c4 = st.columns(2)
-    c3.plotly_chart(figures.metric_figure(df, "layer_activation_bytes", split="train",
-                                          title="measured activation bytes (fine-tuned layers)",
-                                          y_title="bytes", log_y=True), key="ft_bytes")
-    c4.plotly_chart(figures.metric_figure(df, "step_ms", split="train", title="step time",
-                                          y_title="ms"), key="ft_step")
-    c5, c6 = st.columns(2)
-    c5.plotly_chart(figures.prefixed_metric_figure(df, "rank/", split="train", title="ranks in use",
-                                                   y_title="rank"), key="ft_ranks")
-    c6.plotly_chart(figures.prefixed_metric_figure(df, "captured_energy/", split="train",
-                                                   title="captured energy of the stored subspace",
-                                                   y_title="fraction"), key="ft_energy")
+    signature = (job_id, len(df))
+    cached = st.session_state.get("ft_figures")
+    if cached is None or cached[0] != signature:  # rebuild only when rows arrived (cheap idle polls)
+        cached = (signature, build_figures(df))
+        st.session_state["ft_figures"] = cached
+    figs = cached[1]
+    for i in range(0, len(figs), 2):
+        cols = st.columns(2)
+        for col, (key, fig) in zip(cols, figs[i:i + 2]):
+            col.plotly_chart(fig, key=key)
     st.caption(f"{len(df)} metric rows · polled every {POLL_S:g} s while running")
     if alive and not now_alive:
         st.rerun()  # the job just ended: redraw once without the timer

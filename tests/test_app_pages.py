@@ -181,31 +181,39 @@ def test_finetune_page_draws_the_rows_of_a_job_from_the_url():
     assert figs["step time"]["data"][0]["y"] == [12.0, 9.0, 9.5]
 
 
-def test_finetune_page_starts_a_real_job_and_follows_it():
+def test_two_sessions_start_real_jobs_at_once_and_each_follows_its_own():
     pytest.importorskip("engine.cli.finetune", reason="`lance finetune` (engine/cli/finetune.py) not in this checkout")
-    at = _page("finetune").run()
-    at.multiselect(key="ft_methods").set_value(["vanilla"])
-    at.number_input(key="ft_limit").set_value(128)
-    at.number_input(key="ft_batch").set_value(32)
-    at.button[0].click().run()
-    no_exception(at)
-    job_id = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
-    assert job_id
+    sessions = {}
+    for method in ("vanilla", "hosvd"):  # two browser sessions = two AppTest instances
+        at = _page("finetune").run()
+        at.multiselect(key="ft_methods").set_value([method])
+        at.number_input(key="ft_limit").set_value(128)
+        at.number_input(key="ft_batch").set_value(32)
+        at.button[0].click().run()
+        no_exception(at)
+        job = at.query_params["job"]
+        sessions[method] = (at, job[0] if isinstance(job, list) else job)
+    assert sessions["vanilla"][1] != sessions["hosvd"][1]
     from lance_app.jobs import JobRunner
 
     runner = JobRunner()
-    runner.wait(job_id, timeout_s=180)
-    at.run()
-    no_exception(at)
-    assert not at.error, [e.value for e in at.error]
-    assert any("vanilla" in s.value and "completed" in s.value for s in at.success)
-    loss = charts(at)["training loss"]["data"][0]["y"]
-    assert len(loss) == 4  # 128 images / batch 32
-    run = RunStore().list_runs(job_id=job_id)[0]
-    per_step = {}
-    for r in RunStore().metrics(run["id"], key="loss", split="train"):
-        per_step.setdefault(r["step"], r["value"])  # the epoch's summary row repeats the last step
-    assert loss == list(per_step.values())
+    assert runner.is_alive(sessions["vanilla"][1]) or runner.is_alive(sessions["hosvd"][1])
+    for method, (at, job_id) in sessions.items():
+        runner.wait(job_id, timeout_s=240)  # (exit status: known to the page's runner, checked below)
+        at.run()
+        no_exception(at)
+        assert not at.error, [e.value for e in at.error]
+        assert [s.value.split(" · ")[0] for s in at.success] == [f"**{method}**"]  # only its own run
+        loss = charts(at)["training loss"]["data"][0]["y"]
+        assert len(loss) == 4  # 128 images / batch 32
+        run = RunStore().list_runs(job_id=job_id)[0]
+        assert run["method"] == method and run["status"] == "completed"
+        per_step = {}
+        for r in RunStore().metrics(run["id"], key="loss", split="train"):
+            per_step.setdefault(r["step"], r["value"])  # the epoch's summary row repeats the last step
+        assert loss == list(per_step.values())
+    hosvd_ranks = charts(sessions["hosvd"][0])["ranks in use"]["data"]
+    assert hosvd_ranks and all(len(t["y"]) == 4 for t in hosvd_ranks)  # HOSVD's ranks, per step
 
 
 # -- continual -------------------------------------------------------------------------------------
