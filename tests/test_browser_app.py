@@ -153,7 +153,9 @@ def test_first_page_renders_within_5_s(server, browser, shots):
     full_s = time.monotonic() - up
     RESULTS.update(first_title_s=round(title_s, 2), first_page_full_s=round(full_s, 2))
     assert full_s < 5.0, f"Setup page fully drawn {full_s:.2f} s after the server came up"
-    page.get_by_text("What is here").scroll_into_view_if_needed()
+    page.wait_for_function("document.querySelectorAll('[data-testid=\"stDataFrame\"] canvas').length >= 2")
+    page.get_by_role("slider").first.wait_for()
+    page.wait_for_timeout(1500)  # let the grids paint before the screenshot
     page.screenshot(path=str(shots / "setup.png"), full_page=True)
     page.close()
 
