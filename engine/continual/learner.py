@@ -38,11 +38,12 @@ class ContinualConfig:
     lr: float = 0.01
     momentum: float = 0.0
     batch_size: int = 64
-    eps: float = 0.9                  # LANCE: energy of the residual kept by U_F
-    spatial_eps: float | None = 0.9   # LANCE: energy for the conv output-grid modes; None = uncompressed
+    eps: float = 0.3                  # LANCE: energy of the residual (I - P Pᵀ)A kept by U_F (protected layers, t >= 1)
+    eps_plain: float | None = 0.9     # LANCE: energy for factors of raw activations (task 0, heads); None = eps
+    spatial_eps: float | None = 0.5   # LANCE: energy for a conv's output rows/cols (t >= 1); None = uncompressed
     eps_cl: float = 0.97              # GPM rule: eps_cl(t) = eps_cl + t * eps_cl_step
     eps_cl_step: float = 0.0
-    calibration_batches: int = 8      # LANCE: batches of task t used to calibrate its factors
+    calibration_batches: int = 4      # LANCE: batches of task t used to calibrate its factors
     basis_samples: int = 125          # examples of task t whose activations extend P (GPM uses 125)
     compress_first_task: bool = True  # LANCE: task 0 trained compressed too (else full activations)
     seed: int = 0
@@ -50,6 +51,8 @@ class ContinualConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown continual method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.eps_plain is not None and not 0.0 < self.eps_plain <= 1.0:
+            raise ValueError(f"eps_plain must be in (0, 1] or None, got {self.eps_plain}")
         for name in ("eps", "eps_cl"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
@@ -61,6 +64,18 @@ class ContinualConfig:
 
     def eps_cl_at(self, task: int) -> float:
         return min(1.0, self.eps_cl + task * self.eps_cl_step)
+
+    def eps_for(self, task: int, protected: bool) -> tuple[float, float | None]:
+        """LANCE's (feature, spatial) energies for one layer in ``task``.
+
+        A layer with nothing protected yet (every layer in task 0, every head) is calibrated on its raw,
+        uncentred activations, whose spectrum is dominated by a few directions (the mean): it gets the
+        higher ``eps_plain`` for both modes. A protected layer in a later task is calibrated on the
+        residual ``(I − P Pᵀ) A``, whose spectrum is flat: ``eps`` (feature) and ``spatial_eps``.
+        """
+        if (task == 0 or not protected) and self.eps_plain is not None:
+            return self.eps_plain, (None if self.spatial_eps is None else self.eps_plain)
+        return self.eps, self.spatial_eps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,10 +127,12 @@ def _inputs(batch) -> torch.Tensor:
 class _FeatureGrams:
     """Forward hooks that accumulate each CL layer's feature Gram ``Σ x xᵀ`` (float64, ``(D, D)``)."""
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    def __init__(self, layers: dict[str, nn.Module], dtype: torch.dtype = torch.float64):
         self.layers = layers
+        self.dtype = dtype  # of the per-batch product; the sum is kept in float64
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        self._kept: dict[str, list[torch.Tensor]] = {}  # the rows themselves while there are fewer than D
         self._handles = []
 
     def __enter__(self) -> "_FeatureGrams":
@@ -125,16 +142,31 @@ class _FeatureGrams:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            feats = module.unfold_features(args[0].detach()).double()  # (N, D)
-            gram = feats.T @ feats
+            feats = module.unfold_features(args[0].detach()).to(self.dtype)  # (N, D)
+            n_rows = self.rows.get(name, 0) + feats.shape[0]
+            self.rows[name] = n_rows
+            if n_rows <= feats.shape[1] and name not in self.grams:
+                self._kept.setdefault(name, []).append(feats.cpu())
+                return
+            if name in self._kept:  # switch to the Gram
+                feats = torch.cat([*self._kept.pop(name), feats.cpu()])
+            gram = (feats.T @ feats).double()
             self.grams[name] = self.grams[name] + gram if name in self.grams else gram
-            self.rows[name] = self.rows.get(name, 0) + feats.shape[0]
         return hook
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def names(self) -> list[str]:
+        return [*self.grams, *self._kept]
+
+    def spectrum_input(self, name: str) -> dict:
+        """``{"gram": (D, D)}`` or, while there are fewer rows than features, ``{"rows": (N, D)}``."""
+        if name in self.grams:
+            return {"gram": self.grams[name].cpu(), "rows": None}
+        return {"gram": None, "rows": torch.cat(self._kept[name])}
 
 
 class _SpatialGrams:
@@ -227,26 +259,29 @@ class ContinualLearner:
             raise ValueError(f"no calibration batches for task {task}: the task's training set is empty")
         was_training = self.model.training
         bn_state = self._forward_as_in_training(task)
-        with _FeatureGrams(self.layers) as grams:
+        # float32 products suffice here: U_F is re-orthogonalised against P in float64 afterwards
+        with _FeatureGrams(self.layers, dtype=torch.float32) as grams:
             for batch in batches:
                 self.model(_inputs(batch).to(self.device), task)
-        for name, gram in grams.grams.items():
+        for name in grams.names():
             layer = self.layers[name]
             basis = layer.protected_basis.cpu() if layer.protected else None
-            mean_gram = gram / max(grams.rows[name], 1)
-            layer.set_factors(residual_factor(mean_gram, basis, cfg.eps))
-        convs = {n: l for n, l in self.layers.items() if isinstance(l, CLConv2d) and n in grams.grams}
+            data = grams.spectrum_input(name)
+            layer.set_factors(residual_factor(data["gram"], basis, cfg.eps_for(task, layer.protected)[0],
+                                              rows=data["rows"]))
+        convs = {n: l for n, l in self.layers.items() if isinstance(l, CLConv2d) and n in grams.names()}
         if cfg.spatial_eps is not None and convs:
             with _SpatialGrams({n: l for n, l in convs.items() if l.u_feat.shape[1] > 0}) as spatial:
                 for batch in batches:
                     self.model(_inputs(batch).to(self.device), task)
             for name, layer in convs.items():
                 if name in spatial.h:
-                    layer.set_factors(layer.u_feat, plain_factor(spatial.h[name].cpu(), cfg.spatial_eps),
-                                      plain_factor(spatial.w[name].cpu(), cfg.spatial_eps))
+                    eps_spatial = cfg.eps_for(task, layer.protected)[1]
+                    layer.set_factors(layer.u_feat, plain_factor(spatial.h[name].cpu(), eps_spatial),
+                                      plain_factor(spatial.w[name].cpu(), eps_spatial))
         self._restore_bn(bn_state)
         self.model.train(was_training)
-        return {n: self.layers[n].compressed_ranks() for n in grams.grams}
+        return {n: self.layers[n].compressed_ranks() for n in grams.names()}
 
     def _forward_as_in_training(self, task: int) -> dict:
         """Put the model in the mode ``task`` trains in (BatchNorm as in training, dropout off).
@@ -291,9 +326,10 @@ class ContinualLearner:
                 self.model(_inputs(batch).to(self.device), task)
         info = {}
         eps_cl = self.config.eps_cl_at(task)
-        for name, gram in grams.grams.items():
+        for name in grams.names():
             layer = protected[name]
-            new, info[name] = extend_basis(layer.protected_basis.cpu(), gram.cpu(), eps_cl)
+            data = grams.spectrum_input(name)
+            new, info[name] = extend_basis(layer.protected_basis.cpu(), data["gram"], eps_cl, rows=data["rows"])
             layer.set_basis(new)
         self.model.train(was_training)
         return info

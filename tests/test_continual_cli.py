@@ -1,0 +1,103 @@
+"""``lance continual`` end to end on real split-digits with the real CL networks: store rows, JSON, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.cli import main
+from engine.store import RunStore
+
+SMALL = ["--benchmark", "split-digits", "--backbone", "alexnet-cl", "--epochs", "1", "--limit-train", "24",
+         "--limit-test", "30", "--basis-samples", "16", "--calibration-batches", "1", "--batch-size", "12",
+         "--lr", "0.01", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_cli_writes_task_rows_and_json(tmp_path):
+    out = tmp_path / "cl.json"
+    assert main(["continual", *SMALL, "--method", "lance,finetune", "--job-id", "job-7", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["lance", "finetune"]
+    for r in runs:
+        assert set(r) >= {"run_id", "method", "acc", "bwt", "forgetting", "acc_matrix",
+                          "peak_layer_activation_bytes", "peak_region_activation_bytes", "subspace_usage"}
+        matrix = r["acc_matrix"]
+        assert [len(row) for row in matrix] == [1, 2, 3, 4, 5]
+        assert r["acc"] == pytest.approx(sum(matrix[-1]) / 5)
+        assert r["bwt"] == pytest.approx(sum(matrix[-1][j] - matrix[j][j] for j in range(4)) / 4)
+    lance, finetune = runs
+    assert lance["peak_layer_activation_bytes"] * 2 < finetune["peak_layer_activation_bytes"]
+    assert 0 < min(lance["subspace_usage"].values()) and max(lance["subspace_usage"].values()) <= 1
+    assert all(v == 0 for v in finetune["subspace_usage"].values()) or finetune["subspace_usage"] == {}
+
+    store = RunStore()
+    stored = store.list_runs(kind="continual", job_id="job-7")
+    assert [s["id"] for s in stored] == [r["run_id"] for r in runs]
+    assert all(s["status"] == "completed" for s in stored)
+    rows = store.metrics(lance["run_id"], split="task")
+    keys = {(row["task"], row["key"]) for row in rows}
+    for t in range(5):
+        for key in ("ACC", "BWT", "forgetting", "peak_layer_activation_bytes", "peak_region_activation_bytes",
+                    "task_ms", "usage/features.conv2", *(f"acc/{j}" for j in range(t + 1))):
+            assert (t, key) in keys, (t, key)
+    acc_rows = {row["task"]: row["value"] for row in rows if row["key"] == "ACC"}
+    assert acc_rows[4] == pytest.approx(lance["acc"])
+    assert (store.run_dir(lance["run_id"]) / "checkpoint.pt").is_file()
+
+
+def test_interrupted_sequence_resumes_at_next_task_and_matches_uninterrupted(tmp_path, monkeypatch):
+    import engine.continual.session as session
+
+    out_full = tmp_path / "full.json"
+    assert main(["continual", *SMALL, "--method", "gpm", "--json", str(out_full)]) == 0
+    full = json.loads(out_full.read_text())["runs"][0]
+
+    real_rows = session.task_rows
+
+    def stop_at_task_2(record):
+        if record.task == 2:
+            raise KeyboardInterrupt
+        return real_rows(record)
+
+    monkeypatch.setattr(session, "task_rows", stop_at_task_2)
+    assert main(["continual", *SMALL, "--method", "gpm"]) == 130
+    monkeypatch.setattr(session, "task_rows", real_rows)
+    store = RunStore()
+    run = [r for r in store.list_runs(kind="continual") if r["id"] != full["run_id"]][0]
+    assert run["status"] == "interrupted"
+    assert "--resume" in run["message"]
+    checkpoint = torch.load(store.checkpoint_path(run["id"]), weights_only=False)
+    assert checkpoint["next_task"] == 2
+    assert any(k.endswith("protected_basis") and v.shape[1] > 0 for k, v in checkpoint["model"].items())
+
+    out = tmp_path / "resumed.json"
+    assert main(["continual", "--resume", run["id"], "--quiet", "--json", str(out)]) == 0
+    resumed = json.loads(out.read_text())["runs"][0]
+    assert resumed["run_id"] == run["id"]
+    assert store.get_run(run["id"])["status"] == "completed"
+    assert resumed["acc_matrix"] == full["acc_matrix"]
+    assert resumed["subspace_usage"] == pytest.approx(full["subspace_usage"])
+    tasks_logged = sorted({r["task"] for r in store.metrics(run["id"], key="ACC")})
+    assert tasks_logged == [0, 1, 2, 3, 4]
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["continual", "--benchmark", "split-digits", "--method", "ewc", "--quiet"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["continual", "--benchmark", "split-cifar10", "--dataset", f"imagefolder:{tmp_path / 'nope'}",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "nope" in err
+    assert main(["continual", "--method", "lance", "--quiet"]) == 2
+    assert "--benchmark is required" in capsys.readouterr().err
+    assert main(["continual", "--resume", "no-such-run", "--quiet"]) == 2
+    assert "no run" in capsys.readouterr().err
