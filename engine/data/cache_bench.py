@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=2000, help="training images used (0: the whole split)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the model and its inputs in channels_last memory format")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,17 +84,27 @@ def main(argv=None) -> int:
     prefix, suffix = split_at_stage(model, cut)
     batches = [range(s, min(n, s + args.batch_size)) for s in range(0, n, args.batch_size)]
 
-    uncached_s = _epoch(data.batch, model, params, batches)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+
+    def formatted(fetch):
+        def fetch_formatted(positions):
+            x, y = fetch(positions)
+            return (x.contiguous(memory_format=fmt) if x.dim() == 4 else x), y
+        return fetch_formatted
+
+    uncached_s = _epoch(formatted(data.batch), model, params, batches)
     start = time.perf_counter()
     feats = cached_features(prefix, data, feature_key(args.backbone, bb.weights, args.dataset, "train", resolution,
                                                       cut, limit=n), batch_size=128)
     build_s = time.perf_counter() - start
-    cached_s = _epoch(feats.batch, suffix, params, batches)
+    cached_s = _epoch(formatted(feats.batch), suffix, params, batches)
     scale = len(full) / n
     result = {
         "backbone": args.backbone, "dataset": args.dataset, "resolution": resolution, "layers": trained,
         "cut_stage": suffix.names[0], "feature_shape": list(feats.feature_shape), "images": n,
         "full_split_images": len(full), "batch_size": args.batch_size, "threads": args.threads,
+        "channels_last": bool(args.channels_last),
         "load_average": os.getloadavg()[0],
         "uncached_epoch_s": round(uncached_s, 2), "cache_build_s": round(build_s, 2), "cached_epoch_s": round(cached_s, 3),
         "uncached_ms_per_image": round(1000 * uncached_s / n, 3), "cached_ms_per_image": round(1000 * cached_s / n, 4),
