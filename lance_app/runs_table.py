@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -12,6 +13,13 @@ SUMMARY_COLUMNS = ["val_acc", "acc", "bwt", "layer_activation_bytes", "region_ac
                    "analytic_activation_bytes", "step_ms", "flops"]
 
 
+def _when(value) -> str | None:
+    """Epoch seconds -> 'YYYY-MM-DD HH:MM:SS' (local time; sorts like the time); strings pass through."""
+    if isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return value
+
+
 def runs_frame(runs: Sequence[Mapping]) -> pd.DataFrame:
     """One row per run: id, label, kind, method, status, created_at, job_id, headline summary values."""
     rows = []
@@ -19,7 +27,7 @@ def runs_frame(runs: Sequence[Mapping]) -> pd.DataFrame:
         summary = run.get("summary") or {}
         row = {"id": run.get("id"), "label": run_label(run), "kind": run.get("kind"),
                "method": run.get("method"), "status": run.get("status"),
-               "created_at": run.get("created_at"), "job_id": run.get("job_id"),
+               "created_at": _when(run.get("created_at")), "job_id": run.get("job_id"),
                "message": run.get("message") or ""}
         for col in SUMMARY_COLUMNS:
             value = summary.get(col) if isinstance(summary, Mapping) else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,7 @@ def test_runs_table_config_and_export():
     table = runs_frame(runs)
     assert table["val_acc"].tolist()[0] == 91.5 and "step_ms" not in table.columns
     assert table["message"].tolist() == ["", "NaN loss"]
+    assert table["created_at"].tolist()[0] == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(2.0))
     side = config_side_by_side(runs)
     assert list(side.columns) == ["asi #r1", "vanilla #r2"]
     assert side.index[0] in ("lr", "layers")  # differing keys first

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -275,3 +276,42 @@ def test_runs_page_table_filter_overlay_config_and_delete():
     assert [r["id"] for r in RunStore().list_runs()] == [a]
     assert "Deleted 1 run(s)." in at.success[0].value
     assert os.path.isdir(RunStore().run_dir(a)) and not os.path.exists(RunStore().run_dir(b))
+
+
+# -- jobs seen from another tab, failures ----------------------------------------------------------
+def test_a_second_tab_lists_running_jobs_and_attaches(tmp_path):
+    from lance_app.jobs import JobRunner
+
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    job = JobRunner(os.environ["LANCE_HOME"], command=[sys.executable, str(script)]).start(
+        "finetune", [], label="vanilla on digits")
+    try:
+        at = _page("finetune").run()  # a fresh session: nothing attached yet
+        no_exception(at)
+        assert any("1 finetune job(s) running" in m.value for m in at.markdown)
+        at.button(key=f"attach_finetune_{job.job_id}").click().run()
+        no_exception(at)
+        attached = at.query_params["job"]
+        assert (attached[0] if isinstance(attached, list) else attached) == job.job_id
+        assert any(f"Job `{job.job_id}`" in m.value and "running" in m.value for m in at.markdown)
+    finally:
+        JobRunner(os.environ["LANCE_HOME"]).stop(job.job_id, signal.SIGKILL)
+
+
+def test_a_job_that_fails_before_its_run_shows_the_cli_message():
+    pytest.importorskip("engine.cli.finetune", reason="`lance finetune` (engine/cli/finetune.py) not in this checkout")
+    at = _page("finetune")
+    at.session_state["lance_config"] = {"backbone": "small-cnn", "weights": "none", "dataset": "cifar100",
+                                        "resolution": 0, "layers": 2, "seed": 0}
+    at.run()
+    at.multiselect(key="ft_methods").set_value(["vanilla"])
+    at.button[0].click().run()
+    job = at.query_params["job"]
+    from lance_app.jobs import JobRunner
+
+    JobRunner().wait(job[0] if isinstance(job, list) else job, timeout_s=120)
+    at.run()
+    no_exception(at)
+    message = at.error[0].value
+    assert "without starting a run" in message and "cifar100" in message and "Traceback" not in message
