@@ -101,3 +101,32 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "--benchmark is required" in capsys.readouterr().err
     assert main(["continual", "--resume", "no-such-run", "--quiet"]) == 2
     assert "no run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,moves", [("lance", False), ("gpm", False), ("finetune", True)])
+def test_real_alexnet_cl_old_task_logits_fixed_on_protected_methods(method, moves):
+    """GPM's AlexNet (BatchNorm with batch statistics, dropout): head 0's logits on task 0's images."""
+    from engine.continual import run_sequence
+    from engine.continual.session import SequenceSpec, build_model, load_tasks
+
+    spec = SequenceSpec(benchmark="split-digits", backbone="alexnet-cl", limit_train=16, limit_test=20,
+                        training=dict(epochs=2, lr=0.05, batch_size=16, eps_cl=1.0, basis_samples=16,
+                                      calibration_batches=1, seed=0))
+    tasks = load_tasks(spec)[:2]
+    old_x = torch.stack([tasks[0].train[i][0] for i in range(16)])  # all of task 0's images: one batch
+    seen = {}
+
+    def on_task_end(record, learner):
+        learner.model.eval()
+        with torch.no_grad():
+            seen[record.task] = learner.model(old_x, 0).clone()
+
+    records, learner = run_sequence(build_model(spec, tasks), tasks, spec.config_for(method), meter_factory=None,
+                                    on_task_end=on_task_end)
+    change = float((seen[1] - seen[0]).abs().max() / seen[0].abs().max())
+    trained = [n for n, l in learner.layers.items() if l.protected and l.usage() < 1.0]
+    assert trained, "some shared layer must still be free to learn"
+    if moves:
+        assert change > 1e-2
+    else:
+        assert change < 1e-4, change

@@ -132,7 +132,6 @@ def run(args) -> int:
     from engine.store import RunStore, StoreError
 
     stream = None if args.quiet else sys.stderr
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         store = RunStore()
         if args.resume:
