@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lance_app import figures
+from lance_app.catalog import Unavailable, engine_attr
 from lance_app.live import POLL_S, job_progress, steps_per_run
 from lance_app.state import METHODS, attach_job, attached_job, job_runner, setup_config, show_error
 from lance_app.views import job_state, poll_view, running_jobs_picker, status_banner, stop_button
@@ -30,9 +31,19 @@ with st.form("finetune_form"):
                            st.session_state.get("asi_budget", ""), key="ft_budget")
     submitted = st.form_submit_button("Start fine-tuning", type="primary")
 
+budget_error = None
+if submitted and budget.strip() and "asi" in methods:
+    try:
+        engine_attr("engine.calibration", "parse_budget")(budget.strip())
+    except ValueError as exc:
+        budget_error = f"ASI budget: {exc}"
+    except Unavailable:
+        pass  # the CLI checks it
 if submitted:
     if not methods:
         st.error("Choose at least one method.")
+    elif budget_error:
+        st.error(budget_error)
     else:
         args = ["--backbone", cfg["backbone"], "--weights", cfg["weights"], "--dataset", cfg["dataset"],
                 "--method", ",".join(methods), "--layers", str(cfg["layers"]), "--epochs", str(epochs),
@@ -43,7 +54,7 @@ if submitted:
         if eps:
             args += ["--eps", ",".join(eps)]
         if budget.strip() and "asi" in methods:
-            args += ["--budget", budget.strip()]
+            args += ["--budget", f"asi={budget.strip()}"]
         if cfg.get("resolution"):
             args += ["--resolution", str(cfg["resolution"])]
         try:

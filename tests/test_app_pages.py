@@ -153,6 +153,11 @@ def test_finetune_page_without_a_job_and_without_methods():
     at.multiselect(key="ft_methods").set_value([])
     at.button[0].click().run()  # the form's submit button
     assert at.error[0].value == "Choose at least one method."
+    at.multiselect(key="ft_methods").set_value(["asi"])
+    at.text_input(key="ft_budget").set_value("a lot")
+    at.button[0].click().run()
+    assert at.error[0].value.startswith("ASI budget: cannot read the budget 'a lot'")
+    assert "job" not in at.query_params  # nothing was started
 
 
 def test_finetune_page_draws_the_rows_of_a_job_from_the_url():
