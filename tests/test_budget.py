@@ -139,3 +139,26 @@ def test_solver_64_layers_12_eps_under_one_second():
                 if cost <= budget:
                     assert solution.total_value - values[i][solution.choices[i]] + values[i][j] >= solution.total_value - 1e-9
     assert worst_s < 1.0, f"solver took {worst_s:.3f} s for 64 layers x 12 eps"
+
+
+def test_hard_instances_fall_back_to_an_exact_coarser_unit():
+    from engine.calibration.knapsack import FrontTooLarge
+
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        costs = [rng.integers(10**6, 5 * 10**7, size=6).tolist() for _ in range(6)]
+        values = [(-np.array(c) / 1e6).tolist() for c in costs]  # value linear in cost: subset sum
+        least, most = sum(min(c) for c in costs), sum(max(c) for c in costs)
+        budget = (least + most) // 2
+        with pytest.raises(FrontTooLarge):
+            solve_multiple_choice_knapsack(costs, values, budget, max_front=5, coarsen=False)
+        got = solve_multiple_choice_knapsack(costs, values, budget, max_front=5)
+        assert got.cost_unit > 1 and got.total_cost <= budget
+        unit = got.cost_unit
+        # exact on costs rounded up to the unit: equals brute force on those costs
+        coarse = [[-(-c // unit) for c in group] for group in costs]
+        brute = brute_force_multiple_choice_knapsack(coarse, values, budget // unit)
+        assert got.total_value == pytest.approx(brute.total_value, abs=1e-9)
+        exact = solve_multiple_choice_knapsack(costs, values, budget)  # default front limit: byte-exact
+        assert exact.cost_unit == 1
+        assert exact.total_value == pytest.approx(brute_force_multiple_choice_knapsack(costs, values, budget).total_value)

@@ -42,12 +42,26 @@ class InfeasibleBudget(ValueError):
 
 @dataclass
 class KnapsackSolution:
-    """``choices[i]``: index of the option picked in group ``i``; totals over the picked options."""
+    """``choices[i]``: index of the option picked in group ``i``; totals over the picked options.
+
+    ``cost_unit``: the granularity the optimum is exact at (1 = every whole byte; see
+    :func:`solve_multiple_choice_knapsack` for when it is coarser). ``total_cost`` is always in
+    whole input units (bytes), rounded up per option, and never exceeds the budget.
+    """
 
     choices: list[int]
     total_cost: int
     total_value: float
     front_sizes: list[int] = field(default_factory=list)  # Pareto-front size after each group (diagnostics)
+    cost_unit: int = 1
+
+
+class FrontTooLarge(RuntimeError):
+    """The Pareto front outgrew ``max_front`` (a subset-sum-like instance); retry with a coarser cost unit."""
+
+
+DEFAULT_MAX_FRONT = 200_000
+COARSE_FRONT = 100_000  # a coarse retry rounds costs up to budget / COARSE_FRONT units
 
 
 def round_costs_up(costs: Sequence[Sequence[float]]) -> list[np.ndarray]:
@@ -146,10 +160,10 @@ class _LPBound:
         out = np.interp(budget, cost, value)
         return np.where(budget < cost[0], np.inf, out)
 
-    def incumbent(self, hulls, budget: int) -> float:
-        """A feasible solution's value (an upper bound on the optimum): the LP's greedy order, taking a
-        hull segment only while it fits (a group whose segment does not fit stops there)."""
-        pos = [0] * len(hulls)  # index of the chosen hull point per group
+    def lp_order_choice(self, hulls, budget: int) -> list[int]:
+        """The LP's greedy order, taking a hull segment only while it fits (a group whose next segment
+        does not fit stops there). Returns the index of the chosen hull point per group."""
+        pos = [0] * len(hulls)
         spent = float(self.suffix_cost[0])
         blocked = np.zeros(len(hulls), dtype=bool)
         for g, dc in zip(self.seg_group.tolist(), self.seg_dc.tolist()):
@@ -160,7 +174,35 @@ class _LPBound:
                 pos[g] += 1
             else:
                 blocked[g] = True
-        return float(sum(float(hv[p]) for (_, hv), p in zip(hulls, pos)))
+        return pos
+
+
+def _incumbent(costs: list[np.ndarray], values: list[np.ndarray], hulls, bound: _LPBound,
+               budget: int) -> tuple[float, list[int]]:
+    """A feasible solution ``(value, choice per group)``, an upper bound on the optimum (the tighter the
+    better for pruning): the LP-order choice, then repeated best value-per-byte upgrades that still fit."""
+    n = len(costs)
+    m = max(c.size for c in costs)
+    cost = np.full((n, m), np.iinfo(np.int64).max // 4, dtype=np.int64)
+    value = np.full((n, m), np.inf)
+    for i, (c, v) in enumerate(zip(costs, values)):
+        cost[i, : c.size], value[i, : v.size] = c, v
+    pos = bound.lp_order_choice(hulls, budget)
+    choice = np.array([int(np.flatnonzero((c == hc[p]) & (v == hv[p]))[0])
+                       for c, v, (hc, hv), p in zip(costs, values, hulls, pos)])
+    rows = np.arange(n)
+    spent = int(cost[rows, choice].sum())
+    for _ in range(n * m):
+        dc = cost - cost[rows, choice][:, None]
+        dv = value - value[rows, choice][:, None]
+        ok = (dv < 0) & (dc <= budget - spent)
+        if not ok.any():
+            break
+        ratio = np.where(ok, dv / np.maximum(dc, 1), np.inf)
+        i, j = np.unravel_index(int(np.argmin(ratio)), ratio.shape)
+        spent += int(dc[i, j])
+        choice[i] = j
+    return float(value[rows, choice].sum()), [int(j) for j in choice]
 
 
 def solve_multiple_choice_knapsack(
@@ -168,12 +210,21 @@ def solve_multiple_choice_knapsack(
     values: Sequence[Sequence[float]],
     budget: float,
     unit: str = "bytes",
+    cost_unit: int = 1,
+    max_front: int | None = DEFAULT_MAX_FRONT,
+    coarsen: bool = True,
 ) -> KnapsackSolution:
     """Exact ``argmin Σ_i values[i][j_i]`` subject to ``Σ_i ceil(costs[i][j_i]) <= floor(budget)``.
 
     ``costs``/``values``: one sequence per group (ragged allowed), non-negative costs, finite values.
     Raises :class:`InfeasibleBudget` (with the least feasible total) when even the cheapest choice
     of every group exceeds the budget. Ties in value go to the cheaper, then lower-index, option.
+
+    The problem is NP-hard in general (it contains subset sum); measured rank-selection instances
+    keep fronts of a few hundred pairs. Should a front exceed ``max_front`` pairs (values almost
+    linear in cost), the instance is solved again exactly on costs rounded *up* to
+    ``cost_unit = ceil(budget / 100000)`` units (``coarsen=True``; the answer still never exceeds
+    the budget and says its ``cost_unit``), or :class:`FrontTooLarge` is raised (``coarsen=False``).
     """
     int_costs = round_costs_up(costs)
     float_values = _check_values(values, int_costs)
@@ -181,10 +232,35 @@ def solve_multiple_choice_knapsack(
     n = len(int_costs)
     if n == 0:
         return KnapsackSolution([], 0, 0.0, [])
-    min_costs = np.array([int(c.min()) for c in int_costs], dtype=np.int64)
-    min_total = int(min_costs.sum())
+    min_total = int(sum(int(c.min()) for c in int_costs))
     if min_total > budget_int:
         raise InfeasibleBudget(budget_int, min_total, unit)
+    try:
+        return _solve(int_costs, float_values, budget_int, int(cost_unit), max_front)
+    except FrontTooLarge:
+        if not coarsen:
+            raise
+        coarse = max(int(cost_unit), math.ceil(budget_int / COARSE_FRONT))
+        if sum(-(-int(c.min()) // coarse) for c in int_costs) > budget_int // coarse:
+            raise FrontTooLarge(
+                f"this instance is too hard to solve exactly at {cost_unit}-{unit} granularity and the budget "
+                f"is too close to the least total ({min_total} {unit}) to coarsen it to {coarse} {unit}"
+            ) from None
+        return _solve(int_costs, float_values, budget_int, coarse, None)
+
+
+def _solve(int_costs: list[np.ndarray], float_values: list[np.ndarray], budget_bytes: int, cost_unit: int,
+           max_front: int | None) -> KnapsackSolution:
+    """The Pareto-front merge on costs ``ceil(int_costs / cost_unit)`` and budget ``floor(budget / cost_unit)``."""
+    n = len(int_costs)
+    byte_costs = int_costs
+    if cost_unit > 1:
+        int_costs = [-(-c // cost_unit) for c in int_costs]
+    budget_int = budget_bytes // cost_unit
+    min_costs = np.array([int(c.min()) for c in int_costs], dtype=np.int64)
+    min_total = int(min_costs.sum())
+    if min_total > budget_int:  # only reachable through a coarse cost unit
+        raise FrontTooLarge(f"infeasible at a cost unit of {cost_unit}")
 
     # Per-group pruning: unaffordable and dominated options go.
     kept_idx, kept_cost, kept_value = [], [], []
@@ -200,7 +276,9 @@ def solve_multiple_choice_knapsack(
     suffix_min_cost[:n] = np.cumsum(min_costs[::-1])[::-1]
     hulls = [_lower_convex_hull(c, v) for c, v in zip(kept_cost, kept_value)]
     bound = _LPBound(hulls)
-    incumbent = bound.incumbent(hulls, budget_int)
+    incumbent, incumbent_choice = _incumbent(kept_cost, kept_value, hulls, bound, budget_int)
+    # Branch and bound: a partial choice survives only if its best completion can beat the incumbent
+    # by more than round-off; when none can, the incumbent is optimal (to within ``tolerance``).
     tolerance = 1e-9 * max(1.0, abs(incumbent))
 
     front_cost = np.zeros(1, dtype=np.int64)
@@ -216,9 +294,9 @@ def solve_multiple_choice_knapsack(
         ok = cand_cost + suffix_min_cost[i + 1] <= budget_int
         if i + 1 < n:
             remaining = (budget_int - cand_cost).astype(np.float64)
-            ok &= cand_value + bound(i + 1, remaining) <= incumbent + tolerance
+            ok &= cand_value + bound(i + 1, remaining) < incumbent - tolerance
         else:
-            ok &= cand_value <= incumbent + tolerance
+            ok &= cand_value < incumbent - tolerance
         flat = np.flatnonzero(ok)
         cand_cost, cand_value = cand_cost[flat], cand_value[flat]
         order = np.lexsort((flat, cand_value, cand_cost))
@@ -231,19 +309,24 @@ def solve_multiple_choice_knapsack(
         parents.append(flat // m)
         picks.append(flat % m)
         front_sizes.append(int(front_cost.size))
-        if front_cost.size == 0:  # cannot happen: the incumbent itself survives every pruning
-            raise RuntimeError("knapsack front became empty; please report this instance")
+        if front_cost.size == 0:  # nothing beats the incumbent: it is optimal
+            break
+        if max_front is not None and front_cost.size > max_front:
+            raise FrontTooLarge(f"Pareto front of {front_cost.size} pairs after group {i}")
 
-    best = int(np.argmin(front_value))  # fronts are sorted by cost: argmin takes the cheapest among ties
-    choices = [0] * n
-    k = best
-    for i in range(n - 1, -1, -1):
-        choices[i] = int(kept_idx[i][picks[i][k]])
-        k = int(parents[i][k])
-    total_cost = int(sum(int(int_costs[i][j]) for i, j in enumerate(choices)))
+    if front_cost.size == 0:
+        choices = [int(kept_idx[i][j]) for i, j in enumerate(incumbent_choice)]
+    else:
+        best = int(np.argmin(front_value))  # fronts are sorted by cost: argmin takes the cheapest among ties
+        choices = [0] * n
+        k = best
+        for i in range(n - 1, -1, -1):
+            choices[i] = int(kept_idx[i][picks[i][k]])
+            k = int(parents[i][k])
+    total_cost = int(sum(int(byte_costs[i][j]) for i, j in enumerate(choices)))
     total_value = float(sum(float(float_values[i][j]) for i, j in enumerate(choices)))
-    assert total_cost <= budget_int
-    return KnapsackSolution(choices, total_cost, total_value, front_sizes)
+    assert total_cost <= budget_bytes
+    return KnapsackSolution(choices, total_cost, total_value, front_sizes, cost_unit)
 
 
 def brute_force_multiple_choice_knapsack(costs, values, budget) -> KnapsackSolution:

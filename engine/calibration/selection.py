@@ -37,6 +37,7 @@ class Selection:
     layers: list[LayerChoice]
     batch_size: int | None = None
     vanilla_bytes: int | None = None
+    cost_unit_bytes: int = 1  # 1: exact at byte granularity (see solve_multiple_choice_knapsack)
     extra: dict = field(default_factory=dict)
 
     def ranks_by_layer(self) -> dict[str, tuple[int, ...]]:
@@ -82,7 +83,7 @@ def select_ranks_from_arrays(
             full_bytes=None if full_bytes is None else int(full_bytes[i]),
         ))
     return Selection(budget_bytes=budget_bytes, total_bytes=solution.total_cost,
-                     total_perplexity=solution.total_value, layers=layers,
+                     total_perplexity=solution.total_value, layers=layers, cost_unit_bytes=solution.cost_unit,
                      vanilla_bytes=None if full_bytes is None else int(sum(full_bytes)))
 
 
