@@ -47,20 +47,29 @@ def job_runner() -> JobRunner:
     return _job_runner(home_key())
 
 
+@st.cache_resource(show_spinner=False)
+def _store(home: str):
+    run_store_cls = engine_attr("engine.store", "RunStore")
+    try:
+        return run_store_cls(home, mark_orphans=False)  # orphans: once per server, in startup()
+    except TypeError:  # a store without that switch
+        return run_store_cls(home)
+
+
 def open_store():
-    """A fresh RunStore on $LANCE_HOME (one per script run: SQLite connections stay in their thread).
+    """The server's RunStore on $LANCE_HOME (thread-safe: one SQLite connection per thread), opened
+    once, so a poll every 0.5 s does not re-run the schema set-up in a write transaction.
 
     Raises Unavailable when the run store is not installed.
     """
-    run_store_cls = engine_attr("engine.store", "RunStore")
-    return run_store_cls()
+    return _store(home_key())
 
 
 @st.cache_resource(show_spinner=False)
 def _startup(home: str) -> dict:
     """Once per server process and LANCE_HOME: mark runs of dead processes interrupted."""
     try:
-        marked = list(open_store().mark_orphans_interrupted() or [])
+        marked = list(_store(home).mark_orphans_interrupted() or [])
         return {"marked": marked, "error": None}
     except Unavailable as exc:
         return {"marked": [], "error": str(exc)}
