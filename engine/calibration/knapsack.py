@@ -10,9 +10,15 @@ value. A pair that is dominated can never be part of an optimum that its dominat
 reach, so the final front's best pair within budget is the exact optimum. Two exact prunings keep
 the fronts small: (1) a partial cost that cannot be completed within budget even with the cheapest
 option of every remaining group is dropped; (2) a partial value whose best possible completion — the
-LP-relaxation lower bound of the remaining groups at the remaining budget — is worse than a known
-feasible solution is dropped. Costs are integers (rounded *up* from the inputs), so feasibility is
+LP-relaxation lower bound of the remaining groups at the remaining budget — cannot beat a known
+feasible solution (the incumbent: LP order, then greedy upgrades) is dropped; if nothing beats the
+incumbent, it is the optimum. Costs are integers (rounded *up* from the inputs), so feasibility is
 decided in exact integer arithmetic and the answer can never exceed the budget.
+
+The problem contains subset sum, so no exact method is fast on every instance: when values are
+almost linear in cost the fronts grow towards the number of distinct byte totals. Past
+``max_front`` pairs the instance is re-solved exactly on costs rounded up to a coarser unit
+(``KnapsackSolution.cost_unit``), which bounds the front by ``budget / cost_unit``.
 """
 from __future__ import annotations
 

@@ -312,9 +312,10 @@ def calibrate(
     from engine.models import build_backbone
 
     start = time.perf_counter()
-    torch.manual_seed(seed)  # the head is initialised as the seeded fine-tuning run initialises it
     classes = num_classes(dataset, data_root=data_root)
-    bb = build_backbone(backbone, weights=weights, num_classes=classes)
+    with torch.random.fork_rng(devices=[]):  # a seeded head, without touching the caller's RNG state
+        torch.manual_seed(seed)
+        bb = build_backbone(backbone, weights=weights, num_classes=classes)
     res = int(resolution or bb.resolution)
     data = get_dataset(dataset, split="train", resolution=res, mean=bb.mean, std=bb.std,
                        data_root=data_root, seed=seed, augment=False, max_per_class=max_per_class)

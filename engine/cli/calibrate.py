@@ -176,6 +176,8 @@ def run_ranks(args) -> int:
             print(f"{c.name[-48:]:<48}{c.eps:>6.2f}{str(tuple(c.ranks)):>22}{c.bytes:>12}"
                   f"{c.perplexity:>13.4g}{rel:>10}")
         print(f"{'total':<48}{'':>6}{'':>22}{selection.total_bytes:>12}{selection.total_perplexity:>13.4g}")
+        if selection.cost_unit_bytes > 1:
+            print(f"note: a hard instance; optimal for bytes rounded up to {selection.cost_unit_bytes}-byte units")
     if args.json:
         _write_json(args.json, data)
     return 0
