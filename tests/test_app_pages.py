@@ -320,3 +320,28 @@ def test_a_job_that_fails_before_its_run_shows_the_cli_message():
     no_exception(at)
     message = at.error[0].value
     assert "without starting a run" in message and "cifar100" in message and "Traceback" not in message
+
+
+@pytest.mark.shared
+def test_with_shared_cifar10_jpeg_and_mcunet_in3_appear_and_load(monkeypatch):
+    from conftest import CIFAR10_JPEG, MCUNET_IN3_DIR
+
+    if not (CIFAR10_JPEG / "train").is_dir() or not (MCUNET_IN3_DIR / "mcunet-in3_imagenet.pth").is_file():
+        pytest.skip("../shared (cifar10-jpeg, mcunet-in3 weights) not here")
+    from lance_app.catalog import apply_shared_defaults
+
+    env = {"LANCE_HOME": os.environ["LANCE_HOME"], "LANCE_SHARED": str(CIFAR10_JPEG.parents[1])}
+    for key, value in apply_shared_defaults(env).items():  # what `lance app` does
+        monkeypatch.setenv(key, value)
+    at = _page("setup").run()
+    at.selectbox(key="setup_backbone").set_value("mcunet-in3").run()
+    assert any("ImageNet" in str(o) for o in at.radio(key="setup_weights").options)
+    at.radio(key="setup_weights").set_value(next(o for o in at.radio(key="setup_weights").options
+                                                 if "ImageNet" in str(o))).run()
+    at.selectbox(key="setup_dataset").set_value(next(o for o in at.selectbox(key="setup_dataset").options
+                                                     if "cifar10-jpeg" in str(o))).run()
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    layers = at.dataframe[0].value
+    assert len(layers) > 40 and layers["trained"].tolist()[-2:] == ["yes", "yes"]
+    assert "mcunet-in3" in at.success[0].value and "cifar10-jpeg" in at.success[0].value
