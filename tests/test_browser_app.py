@@ -111,12 +111,18 @@ def server(browser, tmp_path_factory):
     from lance_app.jobs import JobRunner
 
     for job in JobRunner(home).list(active_only=True):  # jobs live in their own process groups
-        os.killpg(job.pid, signal.SIGINT)
-    os.killpg(proc.pid, signal.SIGINT)
+        try:
+            os.killpg(job.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
     try:
+        os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
     log.close()
     if RESULTS:
         print("\nbrowser measurements:", json.dumps(RESULTS))
