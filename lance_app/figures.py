@@ -65,12 +65,15 @@ def metric_figure(df: pd.DataFrame, key: str, split: str | None = None, x: str =
 
 
 def prefixed_metric_figure(df: pd.DataFrame, prefix: str, split: str | None = None, x: str = "step",
-                           title: str | None = None, y_title: str | None = None) -> go.Figure:
+                           title: str | None = None, y_title: str | None = None,
+                           log_y: bool = False) -> go.Figure:
     """One line per (label, key) for every key starting with ``prefix`` (e.g. ``rank/``).
 
     The trace name is ``label: key-without-prefix`` (just the key when there is one label).
     """
     fig = _figure(title or prefix.rstrip("/"), x, y_title or prefix.rstrip("/"))
+    if log_y:
+        fig.update_yaxes(type="log")
     if df is None or df.empty:
         return fig
     sel = df[df["key"].astype(str).str.startswith(prefix)]
@@ -83,6 +86,8 @@ def prefixed_metric_figure(df: pd.DataFrame, prefix: str, split: str | None = No
         short = str(key)[len(prefix):]
         fig.add_trace(go.Scatter(x=part[x].tolist(), y=part["value"].tolist(), mode="lines",
                                  name=f"{label}: {short}" if many else short))
+    if len(fig.data) > 4:  # room for a long legend under the plot
+        fig.update_layout(height=320 + 22 * ((len(fig.data) + 1) // 2), legend=dict(orientation="h", y=-0.3))
     return fig
 
 
