@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-per-class", type=int, default=None,
                    help="draw the batches from the first N training images of each class (quick; decodes fewer images)")
     p.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; 1 is often fastest on a busy shared CPU)")
     p.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
     p.add_argument("--out", required=True, help="write the calibration JSON here")
     p.add_argument("--quiet", action="store_true", help="print only errors")
@@ -126,9 +128,14 @@ def run_calibrate(args) -> int:
         layers = _parse_layers(args.layers)
     except ValueError as exc:
         return _fail("calibrate", str(exc))
+    import torch
+
     from engine.calibration import calibrate
     from engine.data.errors import DatasetMissing
     from engine.models.weights import WeightsMissing
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def progress(stage: str, done: int, total: int) -> None:
         if not args.quiet and stage == "perplexity":
