@@ -111,7 +111,8 @@ def _print_calibration(result, stream) -> None:
           f"layers, {len(result.finetuned_layers)} fine-tuned, {t.get('batches')} batch(es) of "
           f"{result.batch_size} ({src})", file=stream)
     grid = result.eps_grid
-    print(f"{'layer':<48}{'input':>20}{'ranks @ ε=' + str(grid[len(grid) // 2]):>22}"
+    w = max([len("layer")] + [len(layer["name"]) for layer in result.layers]) + 2
+    print(f"{'layer':<{w}}{'input':>20}{'ranks @ ε=' + str(grid[len(grid) // 2]):>22}"
           f"{'rel. error':>12}{'bytes':>11}", file=stream)
     j = len(grid) // 2
     for layer in result.layers:
@@ -119,7 +120,7 @@ def _print_calibration(result, stream) -> None:
         ranks = str(tuple(layer["ranks"][j]))
         rel = f"{layer['relative_perplexity'][j]:.3f}" if layer.get("relative_perplexity") else "-"
         nbytes = format_bytes(layer["bytes"][j]) if layer.get("bytes") else "-"
-        print(f"{layer['name'][-48:]:<48}{shape:>20}{ranks:>22}{rel:>12}{nbytes:>11}", file=stream)
+        print(f"{layer['name']:<{w}}{shape:>20}{ranks:>22}{rel:>12}{nbytes:>11}", file=stream)
 
 
 def run_calibrate(args) -> int:
@@ -177,12 +178,13 @@ def run_ranks(args) -> int:
     if args.json != "-":
         print(f"budget {format_bytes(selection.budget_bytes)} ({selection.budget_bytes} bytes), "
               f"chosen total {selection.total_bytes} bytes, batch of {selection.batch_size}")
-        print(f"{'layer':<48}{'ε':>6}{'ranks':>22}{'bytes':>12}{'perplexity':>13}{'relative':>10}")
+        w = max([len("total")] + [len(c.name) for c in selection.layers]) + 2
+        print(f"{'layer':<{w}}{'ε':>6}{'ranks':>22}{'bytes':>12}{'perplexity':>13}{'relative':>10}")
         for c in selection.layers:
             rel = f"{c.relative_perplexity:.4f}" if c.relative_perplexity is not None else "-"
-            print(f"{c.name[-48:]:<48}{c.eps:>6.2f}{str(tuple(c.ranks)):>22}{c.bytes:>12}"
+            print(f"{c.name:<{w}}{c.eps:>6.2f}{str(tuple(c.ranks)):>22}{c.bytes:>12}"
                   f"{c.perplexity:>13.4g}{rel:>10}")
-        print(f"{'total':<48}{'':>6}{'':>22}{selection.total_bytes:>12}{selection.total_perplexity:>13.4g}")
+        print(f"{'total':<{w}}{'':>6}{'':>22}{selection.total_bytes:>12}{selection.total_perplexity:>13.4g}")
         if selection.cost_unit_bytes > 1:
             print(f"note: a hard instance; optimal for bytes rounded up to {selection.cost_unit_bytes}-byte units")
     if args.json:
