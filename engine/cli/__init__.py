@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+
+# OpenMP threads that spin while waiting slow small kernels down by orders of magnitude on a busy
+# machine; set before torch is first imported (every subcommand imports it lazily).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ that layer's buffers so that checkpoints carry it). Everything here runs on deta
 from __future__ import annotations
 
 import itertools
+import zlib
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -45,6 +46,16 @@ class Method:
     def __init__(self, layer_name: str = "", seed: int = 0):
         self.layer_name = layer_name
         self.seed = seed
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This layer's own random stream (never the global RNG), seeded from (seed, layer name)."""
+        generators = self.__dict__.setdefault("_generators", {})
+        key = str(device)
+        if key not in generators:
+            g = torch.Generator(device=device)
+            g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.layer_name.encode())) % (2**63))
+            generators[key] = g
+        return generators[key]
 
     def setup(self, layer: "CompressedLayer") -> None:
         """Register state buffers on ``layer`` (called once, at surgery)."""
@@ -123,36 +134,35 @@ def contract_except(x: Tensor, y: Tensor, mode: int) -> Tensor:
     return torch.einsum("adb,arb->dr", x.reshape(a, d, b), y.reshape(a, r, b))
 
 
-def batch_factor(y: Tensor, rank: int) -> tuple[Tensor | None, int]:
+def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
+                 oversample: int = 8) -> tuple[Tensor | None, int]:
     """The batch factor derived per step from a tensor already shrunk in its other modes.
 
-    y ``(B, …)`` → (``U_B (B, r)`` orthonormal, leading left singular vectors; or ``None`` when the
-    batch mode is kept whole because ``rank ≥ B``), FLOPs spent. Works for any batch size: this is
-    how a smaller last batch and batch 1 are handled by every Tucker method.
+    y ``(B, …)`` → (``U_B (B, r)`` orthonormal, the leading left singular vectors by a randomized SVD
+    with ``oversample`` extra columns and one power iteration; or ``None`` when the batch mode is kept
+    whole because ``rank ≥ B``), FLOPs spent. Works for any batch size: this is how a smaller last batch
+    and batch 1 are handled by the fixed-factor method (LANCE).
     """
     batch = y.shape[0]
     if rank >= batch:
         return None, 0
     m = y.reshape(batch, -1)
     n = m.shape[1]
-    if n < rank:  # the batch mode has rank ≤ n: keeping n directions is exact and smaller
-        rank = n
-    if batch <= n:
-        gram = m @ m.T
-        basis = T.leading_subspace(gram, rank)
-        flops = 2 * batch * batch * n + 9 * batch**3
-    else:
-        gram = m.T @ m
-        v = T.leading_subspace(gram, rank)
-        basis = T.orth(m @ v)
-        flops = 2 * batch * n * n + 9 * n**3 + 2 * batch * n * rank + 2 * batch * rank * rank
+    k = min(rank + oversample, batch, n)
+    omega = torch.randn(n, k, generator=generator, device=y.device, dtype=y.dtype)
+    q = T.orth(m @ omega)
+    q = T.orth(m @ (m.T @ q))
+    small = q.T @ m  # (k, n)
+    u_small, _, _ = torch.linalg.svd(small, full_matrices=False)
+    basis = (q @ u_small[:, : min(rank, k)]).contiguous()
+    flops = 2 * batch * n * k * 4 + 4 * batch * k * k + 4 * k * k * n
     return basis, flops
 
 
 def energy_ratio(core: Tensor, x: Tensor) -> float:
     """‖core‖²/‖x‖²: the share of the activation's energy the orthonormal factors capture."""
-    total = float(x.pow(2).sum())
-    return float(core.pow(2).sum()) / total if total > 0 else 1.0
+    total = float(torch.linalg.vector_norm(x)) ** 2
+    return float(torch.linalg.vector_norm(core)) ** 2 / total if total > 0 else 1.0
 
 
 def effective_ranks(shape: Sequence[int], factors: Sequence[Tensor | None]) -> list[int]:

@@ -10,7 +10,6 @@ above the batch size keeps the batch mode whole (exact).
 """
 from __future__ import annotations
 
-import zlib
 from typing import Sequence
 
 import torch
@@ -48,13 +47,16 @@ class _TuckerMethod(Method):
         return tucker_weight_grad(layer, tensors, meta, grad_output)
 
     @staticmethod
-    def _finish(x: Tensor, y: Tensor, factors: list, batch_rank: int, flops: int, track_energy: bool) -> Stash:
-        """Project the batch mode of the partly projected ``y`` and pack the stash."""
-        u_batch, batch_flops = batch_factor(y, batch_rank)
-        if u_batch is not None:
-            y = T.mode_product(y, u_batch, 0)
-            batch_flops += 2 * y.numel() * x.shape[0]
-        factors[0] = u_batch
+    def _finish(x: Tensor, y: Tensor, factors: list, batch_rank: int | None, flops: int, track_energy: bool,
+                generator: torch.Generator | None = None) -> Stash:
+        """Project the batch mode of the partly projected ``y`` (unless done: ``batch_rank=None``) and pack."""
+        batch_flops = 0
+        if batch_rank is not None:
+            u_batch, batch_flops = batch_factor(y, batch_rank, generator)
+            if u_batch is not None:
+                y = T.mode_product(y, u_batch, 0)
+                batch_flops += 2 * y.numel() * x.shape[0]
+            factors[0] = u_batch
         meta = {
             "ranks": effective_ranks(x.shape, factors),
             "flops_compress": int(flops + batch_flops),
@@ -106,13 +108,17 @@ class HOSVD(_TuckerMethod):
 class ASI(_TuckerMethod):
     """ASI: fixed per-mode ranks; each step one warm-started subspace-iteration step per mode.
 
-    Warm factors live in the layer's buffers ``asi_factor_<mode>`` (checkpointed). ``sequential=True``
-    (default) projects each mode as soon as its factor is known, cheapest order first, so later modes
-    work on a smaller tensor; ``False`` iterates every mode on the full activation.
+    Every mode's factor is ``U = orth(A_(m) (A_(m)ᵀ U_prev))`` from the previous step's ``U_prev``
+    (cold start ``orth(A_(m) Ω)``, Gaussian ``Ω`` from the layer's own generator). Warm factors live in
+    the layer's buffers ``asi_factor_<mode>`` (checkpointed). ``sequential=True`` (default) projects each
+    mode as soon as its factor is known: the batch mode first (the biggest shrink, ``B/r_B``, and a plain
+    row-major matrix product), then the other modes in the cheapest order on the already smaller tensor.
+    ``False`` iterates every mode on the full activation. The batch mode cold-starts whenever the batch
+    size differs from the warm factor's (a smaller last batch); ``r_B ≥ B`` keeps it whole.
     """
 
     name = "asi"
-    state_names = ("asi_factor_1", "asi_factor_2", "asi_factor_3", "asi_steps")
+    state_names = ("asi_factor_0", "asi_factor_1", "asi_factor_2", "asi_factor_3", "asi_steps")
 
     def __init__(self, layer_name: str = "", seed: int = 0, ranks: Sequence[int] | None = None,
                  sequential: bool = True, track_energy: bool = True):
@@ -120,14 +126,13 @@ class ASI(_TuckerMethod):
         self.ranks = tuple(int(r) for r in ranks) if ranks is not None else None
         self.sequential = bool(sequential)
         self.track_energy = track_energy
-        self._generators: dict[str, torch.Generator] = {}
 
     def describe(self) -> dict:
         return {"method": self.name, "ranks": list(self.ranks) if self.ranks else "default",
                 "sequential": self.sequential}
 
     def setup(self, layer) -> None:
-        for mode in (1, 2, 3):
+        for mode in (0, 1, 2, 3):
             layer.register_buffer(f"asi_factor_{mode}", None)
         layer.register_buffer("asi_steps", torch.zeros((), dtype=torch.long))
 
@@ -135,45 +140,43 @@ class ASI(_TuckerMethod):
         ranks = self.ranks if self.ranks is not None else Fn.default_asi_ranks(shape, layer.kind)
         return _check_ranks(self.layer_name, ranks, shape)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.layer_name.encode())) % (2**63))
-            self._generators[key] = g
-        return self._generators[key]
+    def _iterate(self, layer, source: Tensor, mode: int, rank: int) -> tuple[Tensor, int]:
+        """One subspace-iteration step for ``mode`` of ``source``: ``(D_m, r)`` factor, FLOPs."""
+        d = source.shape[mode]
+        prev = layer._buffers.get(f"asi_factor_{mode}")
+        if prev is None or tuple(prev.shape) != (d, rank):
+            sketch_shape = list(source.shape)
+            sketch_shape[mode] = rank
+            probe = torch.randn(sketch_shape, generator=self.generator(source.device), device=source.device,
+                                dtype=source.dtype)
+            flops = 0
+        else:
+            probe = T.mode_product(source, prev.to(dtype=source.dtype, device=source.device), mode)
+            flops = 2 * source.numel() * rank
+        u = T.orth(contract_except(source, probe, mode))
+        layer._buffers[f"asi_factor_{mode}"] = u
+        return u, flops + 2 * source.numel() * rank + 2 * d * rank * rank
 
     def compress(self, layer, x: Tensor) -> Stash:
         shape = x.shape
         ranks = self.resolve_ranks(layer, shape)
-        order = projection_order(shape, {m: ranks[m] for m in range(1, x.dim())})
         factors: list[Tensor | None] = [None] * x.dim()
         y, flops = x, 0
-        for mode in order:
-            source = y if self.sequential else x
-            d, r = shape[mode], ranks[mode]
-            prev = layer._buffers.get(f"asi_factor_{mode}")
-            if prev is None or tuple(prev.shape) != (d, r):
-                sketch_shape = list(source.shape)
-                sketch_shape[mode] = r
-                probe = torch.randn(sketch_shape, generator=self._generator(x.device), device=x.device, dtype=x.dtype)
-                flops += 2 * source.numel() * r
-            else:
-                probe = T.mode_product(source, prev.to(dtype=x.dtype, device=x.device), mode)
-                flops += 4 * source.numel() * r
-            u = T.orth(contract_except(source, probe, mode))
-            flops += 2 * source.numel() * r + 2 * d * r * r
-            layer._buffers[f"asi_factor_{mode}"] = u
+        modes = ([0] if ranks[0] < shape[0] else []) + projection_order(
+            shape, {m: ranks[m] for m in range(1, x.dim())})
+        for mode in modes:
+            u, f = self._iterate(layer, y if self.sequential else x, mode, ranks[mode])
             factors[mode] = u
+            flops += f
             if self.sequential:
-                flops += 2 * y.numel() * r
+                flops += 2 * y.numel() * ranks[mode]
                 y = T.mode_product(y, u, mode)
         if not self.sequential:
-            for mode in order:
+            for mode in modes:
                 flops += 2 * y.numel() * ranks[mode]
                 y = T.mode_product(y, factors[mode], mode)
         layer.asi_steps += 1
-        return self._finish(x, y, factors, ranks[0], flops, self.track_energy)
+        return self._finish(x, y, factors, None, flops, self.track_energy)
 
 
 class LANCE(_TuckerMethod):
@@ -245,4 +248,4 @@ class LANCE(_TuckerMethod):
             flops += 2 * y.numel() * ranks[mode]
             y = T.mode_product(y, factors[mode], mode)
         batch_rank = int(layer.lance_batch_rank) if self.batch_mode == "factor" else x.shape[0]
-        return self._finish(x, y, factors, batch_rank, flops, self.track_energy)
+        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, self.generator(x.device))

@@ -1,0 +1,177 @@
+"""Engine core: at full rank every method but gradient filter is exact, for every layer configuration."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import engine
+from engine import functional as Fn
+from engine import tensor_ops as T
+
+CONV_CONFIGS = {
+    "plain": dict(in_channels=6, out_channels=10, kernel_size=3, padding=1),
+    "stride2_dilation2": dict(in_channels=6, out_channels=10, kernel_size=3, stride=2, dilation=2, padding=1),
+    "per_axis_padding": dict(in_channels=6, out_channels=10, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
+    "same_even_kernel": dict(in_channels=6, out_channels=10, kernel_size=4, padding="same"),
+    "same_dilated": dict(in_channels=6, out_channels=10, kernel_size=3, padding="same", dilation=2),
+    "depthwise": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
+    "depthwise_multiplier": dict(in_channels=6, out_channels=12, kernel_size=3, padding=1, groups=6),
+    "grouped": dict(in_channels=6, out_channels=9, kernel_size=3, padding=1, groups=3),
+    "no_bias_stride3": dict(in_channels=6, out_channels=10, kernel_size=3, stride=3, bias=False),
+    "pointwise": dict(in_channels=6, out_channels=10, kernel_size=1),
+}
+INPUT = (5, 6, 9, 10)
+
+
+def _full_rank_options(method: str, shape) -> dict:
+    return {"hosvd": {"eps": 1.0}, "asi": {"ranks": tuple(shape)}, "lance": {"eps": 1.0}, "vanilla": {}}[method]
+
+
+def _compare(layer: nn.Module, x: torch.Tensor, method: str, options: dict, calibration=None):
+    reference = copy.deepcopy(layer)
+    x_ref = x.clone().requires_grad_(True)
+    out_ref = reference(x_ref)
+    grad_output = torch.randn_like(out_ref)
+    out_ref.backward(grad_output)
+
+    model = nn.Sequential(copy.deepcopy(layer))
+    engine.compress_model(model, method, layers=["0"], options=options, calibration_loader=calibration)
+    x_c = x.clone().requires_grad_(True)
+    out = model(x_c)
+    assert torch.equal(out, out_ref) or torch.allclose(out, out_ref, rtol=1e-6, atol=1e-6), "forward must be exact"
+    out.backward(grad_output)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    errors = {"weight": rel(model[0].weight.grad, reference.weight.grad), "input": rel(x_c.grad, x_ref.grad)}
+    if reference.bias is not None:
+        errors["bias"] = rel(model[0].bias.grad, reference.bias.grad)
+    return errors
+
+
+@pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
+@pytest.mark.parametrize("method", ["vanilla", "hosvd", "asi", "lance"])
+def test_conv_full_rank_matches_autograd(config, method):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(**CONV_CONFIGS[config])
+    x = torch.randn(INPUT)
+    calibration = [torch.randn(INPUT) for _ in range(2)] if method == "lance" else None
+    errors = _compare(layer, x, method, _full_rank_options(method, INPUT), calibration)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (4, 5, 7), (3, 4, 5, 7)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("method", ["vanilla", "hosvd", "asi", "lance"])
+def test_linear_full_rank_matches_autograd(shape, method):
+    torch.manual_seed(1)
+    layer = nn.Linear(7, 9)
+    x = torch.randn(shape)
+    calibration = [torch.randn(shape) for _ in range(2)] if method == "lance" else None
+    errors = _compare(layer, x, method, _full_rank_options(method, shape), calibration)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
+def test_compressed_space_weight_grad_exact_with_full_orthogonal_factors(config):
+    """The §3 contraction itself (padding in factor space, channel lift, grouped path) with real factors."""
+    torch.manual_seed(2)
+    layer = nn.Conv2d(**CONV_CONFIGS[config]).double()
+    x = torch.randn(INPUT, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    factors = [torch.linalg.qr(torch.randn(d, d, dtype=torch.float64)).Q for d in INPUT]
+    core = x.detach()
+    for mode, factor in enumerate(factors):
+        core = T.mode_product(core, factor, mode)
+    dw = Fn.tucker_weight_grad(layer, core, factors, grad_output)
+    assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (4, 5, 7), (3, 4, 5, 7)], ids=["2d", "3d", "4d"])
+def test_linear_compressed_space_with_full_orthogonal_factors(shape):
+    torch.manual_seed(3)
+    layer = nn.Linear(7, 4).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    factors = [torch.linalg.qr(torch.randn(d, d, dtype=torch.float64)).Q for d in shape]
+    core = x.detach()
+    for mode, factor in enumerate(factors):
+        core = T.mode_product(core, factor, mode)
+    dw = Fn.linear_weight_grad(core, factors, grad_output)
+    assert dw.shape == layer.weight.shape
+    assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["vanilla", "hosvd", "asi", "lance"])
+@pytest.mark.parametrize("config", ["stride2_dilation2", "same_even_kernel", "grouped"])
+def test_gradcheck_fp64_full_rank(method, config):
+    torch.manual_seed(4)
+    shape = (3, 6, 6, 7)
+    conv = nn.Conv2d(**CONV_CONFIGS[config]).double()
+    model = nn.Sequential(conv)
+    calibration = [torch.randn(shape, dtype=torch.float64)] if method == "lance" else None
+    engine.compress_model(model, method, layers=["0"], options=_full_rank_options(method, shape),
+                          calibration_loader=calibration)
+    layer = model[0]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    # gradcheck over the input, weight and bias through the compressed Function
+    from engine.layers import _CompressedOp
+
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True) if layer.bias is not None else None
+    inputs = (x, weight, bias) if bias is not None else (x, weight)
+
+    def op(*args):
+        return _CompressedOp.apply(args[0], args[1], args[2] if len(args) > 2 else None, layer)
+
+    assert torch.autograd.gradcheck(op, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_linear_gradcheck_fp64_3d():
+    from engine.layers import _CompressedOp
+
+    torch.manual_seed(5)
+    shape = (3, 4, 5)
+    model = nn.Sequential(nn.Linear(5, 3).double())
+    engine.compress_model(model, "asi", layers=["0"], options={"ranks": shape})
+    layer = model[0]
+    inputs = (torch.randn(shape, dtype=torch.float64, requires_grad=True),
+              layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda x, w, b: _CompressedOp.apply(x, w, b, layer), inputs, eps=1e-6, atol=1e-7)
+
+
+def test_gradient_filter_patch1_pointwise_is_exact():
+    """With R = 1 on a 1×1 stride-1 conv, the filtered gradients equal the exact ones."""
+    torch.manual_seed(6)
+    layer = nn.Conv2d(6, 8, 1)
+    errors = _compare(layer, torch.randn(INPUT), "gradient_filter", {"patch": 1})
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_gradient_filter_patch_constant_fields():
+    """Activations and output gradients constant over each 2×2 patch: the pooled dW of a 1×1 conv is exact."""
+    torch.manual_seed(7)
+    layer = nn.Conv2d(4, 5, 1)
+    coarse_x = torch.randn(3, 4, 3, 3)
+    x = coarse_x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    model = nn.Sequential(copy.deepcopy(layer))
+    engine.compress_model(model, "gradient_filter", layers=["0"], options={"patch": 2})
+    grad_output = torch.randn(3, 5, 3, 3).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    model(x).backward(grad_output)
+    reference = copy.deepcopy(layer)
+    reference(x).backward(grad_output)
+    assert torch.allclose(model[0].weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-5)
+    # and a field that varies inside the patches is only approximated (the filter is lossy)
+    model.zero_grad()
+    reference.zero_grad()
+    x2, g2 = torch.randn(3, 4, 6, 6), torch.randn(3, 5, 6, 6)
+    model(x2).backward(g2)
+    reference(x2).backward(g2)
+    assert not torch.allclose(model[0].weight.grad, reference.weight.grad, rtol=1e-3, atol=1e-3)
