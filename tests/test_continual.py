@@ -233,7 +233,8 @@ def test_old_task_outputs_do_not_move_with_protection(method):
 def _three_digit_tasks(method: str):
     torch.manual_seed(0)
     config = ContinualConfig(method=method, epochs=5, lr=0.1, batch_size=32, eps=0.9, spatial_eps=0.9,
-                             eps_cl=0.97, basis_samples=64, calibration_batches=2, seed=0)
+                             eps_cl=0.97, basis_samples=64, calibration_batches=2, calibration_batch_size=32,
+                             seed=0)
     records, _ = run_sequence(TinyMultiHead([2, 2, 2]), digits_tasks(3, per_task_train=128), config,
                               meter_factory=meter_factory)
     return records

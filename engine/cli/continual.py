@@ -51,6 +51,8 @@ def register(subparsers) -> None:
                    help="threshold increase per task: eps_cl(t) = eps_0 + t*step (Split CIFAR-100: 0.003)")
     p.add_argument("--calibration-batches", type=int, default=4,
                    help="LANCE: batches of each task's training data its factors are calibrated on (default 4)")
+    p.add_argument("--calibration-batch-size", type=int, default=64,
+                   help="LANCE: images per calibration batch, independent of --batch-size (default 64)")
     p.add_argument("--basis-samples", type=int, default=125,
                    help="training images per task whose activations extend the protected basis (GPM: 125)")
     p.add_argument("--compress-first-task", dest="compress_first_task", action="store_true", default=True,
@@ -106,7 +108,8 @@ def spec_from_args(args):
     eps_plain = None if str(args.eps_plain).lower() == "none" else float(args.eps_plain)
     training = dict(epochs=args.epochs, lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
                     eps=args.eps, eps_plain=eps_plain, spatial_eps=spatial, eps_cl=args.eps_cl, eps_cl_step=args.eps_cl_step,
-                    calibration_batches=args.calibration_batches, basis_samples=args.basis_samples,
+                    calibration_batches=args.calibration_batches,
+                    calibration_batch_size=args.calibration_batch_size, basis_samples=args.basis_samples,
                     compress_first_task=args.compress_first_task, seed=args.seed)
     ContinualConfig(method="lance", **training)  # validates the numbers
     return SequenceSpec(benchmark=args.benchmark, dataset=args.dataset, data_root=args.data_root,

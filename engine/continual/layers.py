@@ -117,6 +117,9 @@ class _CLMixin:
 
     def _init_cl(self, protected: bool, name: str = "") -> None:
         self.storage = "full"
+        # LANCE: when the core would be larger than the input itself (a conv's patch space has C·kh·kw
+        # dimensions), store the input and project the weight gradient onto span(U_F) instead
+        self.store_input_instead = False
         self.layer_name = name  # tensors this layer saves are attributed to it by SavedBytesMeter
         self.protected = protected  # heads are per task: no basis, never projected
         dim = self.feature_dim
@@ -142,6 +145,15 @@ class _CLMixin:
 
     def set_basis(self, basis: torch.Tensor) -> None:
         self.protected_basis = basis.detach().float().to(self.weight.device).contiguous()
+
+    def restrict_weight_grad(self) -> None:
+        """``dW <- dW U_F U_Fᵀ`` (in place): the update LANCE's core would give with full spatial modes."""
+        grad = self.weight.grad
+        if grad is None:
+            return
+        flat = grad.reshape(grad.shape[0], -1)
+        u = self.u_feat
+        flat.copy_((flat @ u) @ u.t()) if u.shape[1] else flat.zero_()
 
     def project_weight_grad(self) -> None:
         """GPM: ``dW <- dW − dW P Pᵀ`` on the flattened ``(C', D)`` weight gradient (in place)."""
@@ -192,7 +204,8 @@ class CLConv2d(_CLMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C', H', W')
         with attribute_to_layer(self.layer_name or "conv"):
-            if self.storage == "lance" and torch.is_grad_enabled() and self.weight.requires_grad:
+            if (self.storage == "lance" and not self.store_input_instead and torch.is_grad_enabled()
+                    and self.weight.requires_grad):
                 return _LanceConv2dFunction.apply(x, self.weight, self.bias, self.u_feat, self.u_h, self.u_w,
                                                   self.stride, self.padding, self.dilation)
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)

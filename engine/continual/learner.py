@@ -44,6 +44,8 @@ class ContinualConfig:
     eps_cl: float = 0.97              # GPM rule: eps_cl(t) = eps_cl + t * eps_cl_step
     eps_cl_step: float = 0.0
     calibration_batches: int = 4      # LANCE: batches of task t used to calibrate its factors
+    calibration_batch_size: int = 64  # LANCE: their size, independent of the training batch size (ranks of
+                                      # fc layers and heads are capped by the number of calibration images)
     basis_samples: int = 125          # examples of task t whose activations extend P (GPM uses 125)
     compress_first_task: bool = True  # LANCE: task 0 trained compressed too (else full activations)
     seed: int = 0
@@ -132,6 +134,7 @@ class _FeatureGrams:
         self.dtype = dtype  # of the per-batch product; the sum is kept in float64
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        self.shapes: dict[str, tuple] = {}  # (input elements per sample, output shape per sample)
         self._kept: dict[str, list[torch.Tensor]] = {}  # the rows themselves while there are fewer than D
         self._handles = []
 
@@ -142,6 +145,7 @@ class _FeatureGrams:
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            self.shapes[name] = (args[0][0].numel(), tuple(output.shape[1:]))
             feats = module.unfold_features(args[0].detach()).to(self.dtype)  # (N, D)
             n_rows = self.rows.get(name, 0) + feats.shape[0]
             self.rows[name] = n_rows
@@ -238,6 +242,8 @@ class ContinualLearner:
         compress = self.config.method == "lance" and (task > 0 or self.config.compress_first_task)
         for layer in self.layers.values():
             layer.storage = "lance" if compress else "full"
+            if not compress:
+                layer.store_input_instead = False
         return trainable
 
     def train_mode(self, task: int) -> None:
@@ -279,6 +285,12 @@ class ContinualLearner:
                     eps_spatial = cfg.eps_for(task, layer.protected)[1]
                     layer.set_factors(layer.u_feat, plain_factor(spatial.h[name].cpu(), eps_spatial),
                                       plain_factor(spatial.w[name].cpu(), eps_spatial))
+        for name in convs:
+            layer = self.layers[name]
+            in_numel, (_, h_out, w_out) = grams.shapes[name]
+            r_h = layer.u_h.shape[1] if layer.u_h.numel() else h_out
+            r_w = layer.u_w.shape[1] if layer.u_w.numel() else w_out
+            layer.store_input_instead = layer.u_feat.shape[1] * r_h * r_w >= in_numel
         self._restore_bn(bn_state)
         self.model.train(was_training)
         return {n: self.layers[n].compressed_ranks() for n in grams.names()}
@@ -306,11 +318,16 @@ class ContinualLearner:
 
     # ---- one optimisation step ---------------------------------------------------------------
     def after_backward(self) -> None:
-        """GPM's projection of every protected weight gradient (no-op for lance and finetune)."""
+        """GPM: project every protected weight gradient off P. LANCE: restrict the gradient of layers
+        that stored their input (core would have been larger) to span(U_F). finetune: nothing."""
         if self.config.method == "gpm":
             for layer in self.layers.values():
                 if layer.protected:
                     layer.project_weight_grad()
+        elif self.config.method == "lance":
+            for layer in self.layers.values():
+                if layer.storage == "lance" and layer.store_input_instead:
+                    layer.restrict_weight_grad()
 
     # ---- protected basis (after a task) --------------------------------------------------------
     @torch.no_grad()
