@@ -136,12 +136,12 @@ def contract_except(x: Tensor, y: Tensor, mode: int) -> Tensor:
 
 def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
                  oversample: int = 8) -> tuple[Tensor | None, int]:
-    """The batch factor derived per step from a tensor already shrunk in its other modes.
+    """A batch factor derived in this step from ``y`` alone (no state, so any batch size works).
 
-    y ``(B, …)`` → (``U_B (B, r)`` orthonormal, the leading left singular vectors by a randomized SVD
-    with ``oversample`` extra columns and one power iteration; or ``None`` when the batch mode is kept
-    whole because ``rank ≥ B``), FLOPs spent. Works for any batch size: this is how a smaller last batch
-    and batch 1 are handled by the fixed-factor method (LANCE).
+    y ``(B, …)`` → (``U_B (B, r)`` orthonormal, FLOPs) by a randomized range finder with one power
+    iteration: ``Q = orth(M Ω)``, ``Q = orth(M (Mᵀ Q))`` with ``k = r + oversample`` Gaussian columns from
+    the layer's generator; with ``oversample > 0`` a small SVD of ``Qᵀ M`` then keeps the leading ``r``.
+    ``None`` when ``rank ≥ B``: the batch mode is kept whole (exact).
     """
     batch = y.shape[0]
     if rank >= batch:
@@ -152,11 +152,13 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
     omega = torch.randn(n, k, generator=generator, device=y.device, dtype=y.dtype)
     q = T.orth(m @ omega)
     q = T.orth(m @ (m.T @ q))
+    flops = 2 * batch * n * k * 3 + 6 * batch * k * k
+    if k == min(rank, n):
+        return q.contiguous(), flops
     small = q.T @ m  # (k, n)
     u_small, _, _ = torch.linalg.svd(small, full_matrices=False)
-    basis = (q @ u_small[:, : min(rank, k)]).contiguous()
-    flops = 2 * batch * n * k * 4 + 4 * batch * k * k + 4 * k * k * n
-    return basis, flops
+    flops += 2 * batch * n * k + 4 * k * k * n
+    return (q @ u_small[:, : min(rank, k)]).contiguous(), flops
 
 
 def energy_ratio(core: Tensor, x: Tensor) -> float:

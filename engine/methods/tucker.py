@@ -243,9 +243,31 @@ class LANCE(_TuckerMethod):
                     )
                 factors[mode] = f
                 ranks[mode] = f.shape[1]
+        batch_rank = int(layer.lance_batch_rank) if self.batch_mode == "factor" else x.shape[0]
+        order = projection_order(x.shape, ranks)
         y, flops = x, 0
-        for mode in projection_order(x.shape, ranks):
+        if batch_rank < x.shape[0] and self._batch_first_is_cheaper(x.shape, ranks, order, batch_rank):
+            # Wide layers: a rank-r_B range finder on the full activation (4·r_B passes' worth) costs less
+            # than projecting the fixed channel factor first; the fixed modes then act on B/r_B less data.
+            u_batch, flops = batch_factor(x, batch_rank, self.generator(x.device), oversample=0)
+            y = T.mode_product(x, u_batch, 0)
+            flops += 2 * x.numel() * batch_rank
+            factors[0] = u_batch
+            batch_rank = None
+        for mode in order:
             flops += 2 * y.numel() * ranks[mode]
             y = T.mode_product(y, factors[mode], mode)
-        batch_rank = int(layer.lance_batch_rank) if self.batch_mode == "factor" else x.shape[0]
         return self._finish(x, y, factors, batch_rank, flops, self.track_energy, self.generator(x.device))
+
+    @staticmethod
+    def _batch_first_is_cheaper(shape, ranks: dict, order: list, batch_rank: int) -> bool:
+        def modes_cost(size: float) -> float:
+            cost = 0.0
+            for mode in order:
+                cost += size * ranks[mode]
+                size *= ranks[mode] / shape[mode]
+            return cost
+
+        numel = float(torch.Size(shape).numel())
+        batch_first = 4 * numel * batch_rank + modes_cost(numel * batch_rank / shape[0])
+        return batch_first < modes_cost(numel)
