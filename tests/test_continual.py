@@ -266,3 +266,28 @@ def test_lance_stores_less_than_gpm():
     assert lance_full0[0].peak_layer_activation_bytes == gpm[0].peak_layer_activation_bytes
     assert lance_full0[1].peak_layer_activation_bytes * 2 < gpm[1].peak_layer_activation_bytes
     assert all(r.peak_region_activation_bytes >= r.peak_layer_activation_bytes for r in lance + gpm)
+
+
+def test_layer_stores_input_when_core_would_be_larger_and_restricts_gradient():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3, padding=1)  # patch space D = 18 > C = 2: a rank-9 core is 4.5x the input
+    layer = CLConv2d.from_conv(conv, name="c")
+    layer.storage = "lance"
+    q, _ = torch.linalg.qr(torch.randn(18, 9))
+    layer.set_factors(q)
+    x = torch.randn(5, 2, 6, 6)
+    with SavedBytesMeter(layer) as meter:
+        out = layer(x)
+    assert meter.layer_activation_bytes == 5 * 9 * 6 * 6 * 4  # the core (B, r, H', W')
+    layer.store_input_instead = True
+    with SavedBytesMeter(layer) as meter:
+        out = layer(x)
+    assert meter.layer_activation_bytes == x.numel() * 4  # the input, smaller
+    g = torch.randn_like(out)
+    out.backward(g)
+    layer.restrict_weight_grad()
+    conv2 = nn.Conv2d(2, 4, 3, padding=1)
+    conv2.load_state_dict(conv.state_dict())
+    conv2(x).backward(g)
+    expected = (conv2.weight.grad.reshape(4, -1) @ q @ q.T).reshape(conv.weight.shape)
+    assert torch.allclose(conv.weight.grad, expected, atol=1e-5)
