@@ -17,6 +17,7 @@ def register(subparsers) -> None:
     layers.add_argument("--full-rank", action="store_true", help="every low-rank method at full rank (exactness check)")
     layers.add_argument("--batch-size", type=int, default=128)
     layers.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported)")
+    layers.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     layers.add_argument("--methods", default="vanilla,gradient_filter,hosvd,asi,lance")
     layers.add_argument("--backbones", default="mcunet-in3,mobilenet_v2,resnet18",
                         help="which rows of the layer table to run")
@@ -36,6 +37,12 @@ def run_layers(args: argparse.Namespace) -> int:
     import torch
 
     from engine.bench import layers as L
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be ≥ 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in L.METHOD_ORDER]
