@@ -111,10 +111,12 @@ class ASI(_TuckerMethod):
     Every mode's factor is ``U = orth(A_(m) (A_(m)ᵀ U_prev))`` from the previous step's ``U_prev``
     (cold start ``orth(A_(m) Ω)``, Gaussian ``Ω`` from the layer's own generator). Warm factors live in
     the layer's buffers ``asi_factor_<mode>`` (checkpointed). ``sequential=True`` (default) projects each
-    mode as soon as its factor is known: the batch mode first (the biggest shrink, ``B/r_B``, and a plain
-    row-major matrix product), then the other modes in the cheapest order on the already smaller tensor.
-    ``False`` iterates every mode on the full activation. The batch mode cold-starts whenever the batch
-    size differs from the warm factor's (a smaller last batch); ``r_B ≥ B`` keeps it whole.
+    mode as soon as its factor is known, the other modes in the cheapest order. The batch mode goes first
+    (warm subspace iteration on a plain row-major product) only where that at least halves the work
+    (wide layers at small r_B); otherwise it goes last and its factor is derived per step from the
+    shrunk tensor (randomized SVD), which is more accurate because batch samples do not carry over from
+    one step to the next. ``False`` iterates every mode on the full activation. A batch-first factor
+    cold-starts whenever the batch size changes (a smaller last batch); ``r_B ≥ B`` keeps it whole.
     """
 
     name = "asi"
@@ -162,8 +164,9 @@ class ASI(_TuckerMethod):
         ranks = self.resolve_ranks(layer, shape)
         factors: list[Tensor | None] = [None] * x.dim()
         y, flops = x, 0
-        modes = ([0] if ranks[0] < shape[0] else []) + projection_order(
-            shape, {m: ranks[m] for m in range(1, x.dim())})
+        order = projection_order(shape, {m: ranks[m] for m in range(1, x.dim())})
+        batch_first = ranks[0] < shape[0] and (not self.sequential or self._batch_first_is_cheaper(shape, ranks, order))
+        modes = ([0] if batch_first else []) + order
         for mode in modes:
             u, f = self._iterate(layer, y if self.sequential else x, mode, ranks[mode])
             factors[mode] = u
@@ -176,7 +179,23 @@ class ASI(_TuckerMethod):
                 flops += 2 * y.numel() * ranks[mode]
                 y = T.mode_product(y, factors[mode], mode)
         layer.asi_steps += 1
-        return self._finish(x, y, factors, None, flops, self.track_energy)
+        # Batch mode last (narrow layers or large r_B): derived exactly enough from the small tensor.
+        batch_rank = None if batch_first else ranks[0]
+        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, self.generator(x.device))
+
+    @staticmethod
+    def _batch_first_is_cheaper(shape, ranks, order) -> bool:
+        """Subspace iteration costs ≈ 3 passes of rank r over the tensor it runs on: compare doing the batch
+        mode first (then the other modes on B/r_B less data) with doing it last on the shrunk tensor."""
+        def modes_cost(size: float) -> float:
+            cost = 0.0
+            for mode in order:
+                cost += 3 * size * ranks[mode]
+                size *= ranks[mode] / shape[mode]
+            return cost
+
+        numel = float(torch.Size(shape).numel())
+        return 3 * numel * ranks[0] + modes_cost(numel * ranks[0] / shape[0]) < 0.5 * modes_cost(numel)
 
 
 class LANCE(_TuckerMethod):
