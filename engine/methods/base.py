@@ -57,6 +57,13 @@ class Method:
             generators[key] = g
         return generators[key]
 
+    def step_generator(self, device: torch.device, step: int) -> torch.Generator:
+        """The layer's generator re-seeded from (seed, layer name, step): a checkpoint that stores the step
+        count resumes the same random stream, so a resumed run repeats the uninterrupted one exactly."""
+        g = self.generator(device)
+        g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.layer_name.encode()) + 7919 * int(step)) % (2**63))
+        return g
+
     def setup(self, layer: "CompressedLayer") -> None:
         """Register state buffers on ``layer`` (called once, at surgery)."""
 

@@ -142,14 +142,14 @@ class ASI(_TuckerMethod):
         ranks = self.ranks if self.ranks is not None else Fn.default_asi_ranks(shape, layer.kind)
         return _check_ranks(self.layer_name, ranks, shape)
 
-    def _iterate(self, layer, source: Tensor, mode: int, rank: int) -> tuple[Tensor, int]:
+    def _iterate(self, layer, source: Tensor, mode: int, rank: int, generator: torch.Generator) -> tuple[Tensor, int]:
         """One subspace-iteration step for ``mode`` of ``source``: ``(D_m, r)`` factor, FLOPs."""
         d = source.shape[mode]
         prev = layer._buffers.get(f"asi_factor_{mode}")
         if prev is None or tuple(prev.shape) != (d, rank):
             sketch_shape = list(source.shape)
             sketch_shape[mode] = rank
-            probe = torch.randn(sketch_shape, generator=self.generator(source.device), device=source.device,
+            probe = torch.randn(sketch_shape, generator=generator, device=source.device,
                                 dtype=source.dtype)
             flops = 0
         else:
@@ -164,11 +164,12 @@ class ASI(_TuckerMethod):
         ranks = self.resolve_ranks(layer, shape)
         factors: list[Tensor | None] = [None] * x.dim()
         y, flops = x, 0
+        generator = self.step_generator(x.device, int(layer.asi_steps))
         order = projection_order(shape, {m: ranks[m] for m in range(1, x.dim())})
         batch_first = ranks[0] < shape[0] and (not self.sequential or self._batch_first_is_cheaper(shape, ranks, order))
         modes = ([0] if batch_first else []) + order
         for mode in modes:
-            u, f = self._iterate(layer, y if self.sequential else x, mode, ranks[mode])
+            u, f = self._iterate(layer, y if self.sequential else x, mode, ranks[mode], generator)
             factors[mode] = u
             flops += f
             if self.sequential:
@@ -178,10 +179,10 @@ class ASI(_TuckerMethod):
             for mode in modes:
                 flops += 2 * y.numel() * ranks[mode]
                 y = T.mode_product(y, factors[mode], mode)
-        layer.asi_steps += 1
         # Batch mode last (narrow layers or large r_B): derived exactly enough from the small tensor.
         batch_rank = None if batch_first else ranks[0]
-        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, self.generator(x.device))
+        layer.asi_steps += 1
+        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, generator)
 
     @staticmethod
     def _batch_first_is_cheaper(shape, ranks, order) -> bool:
@@ -208,7 +209,8 @@ class LANCE(_TuckerMethod):
     """
 
     name = "lance"
-    state_names = ("lance_factor_1", "lance_factor_2", "lance_factor_3", "lance_batch_rank", "lance_calibrated")
+    state_names = ("lance_factor_1", "lance_factor_2", "lance_factor_3", "lance_batch_rank", "lance_calibrated",
+                   "lance_steps")
 
     def __init__(self, layer_name: str = "", seed: int = 0, eps: float = 0.7, ranks: Sequence[int] | None = None,
                  batch_mode: str = "factor", track_energy: bool = True):
@@ -229,6 +231,7 @@ class LANCE(_TuckerMethod):
             layer.register_buffer(f"lance_factor_{mode}", None)
         layer.register_buffer("lance_batch_rank", torch.zeros((), dtype=torch.long))
         layer.register_buffer("lance_calibrated", None)
+        layer.register_buffer("lance_steps", torch.zeros((), dtype=torch.long))
 
     def set_calibration(self, layer, calibration) -> None:
         """Fix the factors from a :class:`engine.methods.calibration.ModeStatistics`."""
@@ -263,12 +266,14 @@ class LANCE(_TuckerMethod):
                 factors[mode] = f
                 ranks[mode] = f.shape[1]
         batch_rank = int(layer.lance_batch_rank) if self.batch_mode == "factor" else x.shape[0]
+        generator = self.step_generator(x.device, int(layer.lance_steps))
+        layer.lance_steps += 1
         order = projection_order(x.shape, ranks)
         y, flops = x, 0
         if batch_rank < x.shape[0] and self._batch_first_is_cheaper(x.shape, ranks, order, batch_rank):
             # Wide layers: a rank-r_B range finder on the full activation (4·r_B passes' worth) costs less
             # than projecting the fixed channel factor first; the fixed modes then act on B/r_B less data.
-            u_batch, flops = batch_factor(x, batch_rank, self.generator(x.device), oversample=0)
+            u_batch, flops = batch_factor(x, batch_rank, generator, oversample=0)
             y = T.mode_product(x, u_batch, 0)
             flops += 2 * x.numel() * batch_rank
             factors[0] = u_batch
@@ -276,7 +281,7 @@ class LANCE(_TuckerMethod):
         for mode in order:
             flops += 2 * y.numel() * ranks[mode]
             y = T.mode_product(y, factors[mode], mode)
-        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, self.generator(x.device))
+        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, generator)
 
     @staticmethod
     def _batch_first_is_cheaper(shape, ranks: dict, order: list, batch_rank: int) -> bool:
