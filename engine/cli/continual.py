@@ -1,10 +1,7 @@
 """``lance continual``: task-incremental learning with LANCE, GPM or plain fine-tuning, into the run store."""
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 BENCHMARKS = ("split-cifar10", "split-cifar100", "split-digits", "5-datasets")
 
@@ -76,14 +73,7 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _write_json(target: str, data: dict) -> None:
-    text = json.dumps(data, indent=2, default=str)
-    if target == "-":
-        print(text)
-    else:
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+from engine.cli._output import write_json as _write_json
 
 
 def _methods(text: str) -> list[str]:

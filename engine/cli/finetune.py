@@ -1,10 +1,7 @@
 """``lance finetune`` and ``lance evaluate``: fine-tuning runs into the run store, and evaluating them."""
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 METHODS_HELP = "vanilla, gradient_filter, hosvd, asi, lance (comma-separated: run one after another)"
 
@@ -78,14 +75,7 @@ def _fail(command: str, message: str, code: int = 2) -> int:
     return code
 
 
-def _write_json(target: str, data: dict) -> None:
-    text = json.dumps(data, indent=2, default=str)
-    if target == "-":
-        print(text)
-    else:
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+from engine.cli._output import write_json as _write_json
 
 
 def config_from_args(args):
