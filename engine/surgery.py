@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from engine.layers import CompressedLayer
