@@ -185,13 +185,14 @@ def test_lance_linear_gradient_3d_input_and_saved_size():
 
 
 # ------------------------------------------------------------------ protection of old tasks
-def _train_two_tasks(method: str, compress_first_task: bool = True):
+def _train_two_tasks(method: str, compress_first_task: bool = True, recalibrate_every: int = 0,
+                     on_epoch_end=None):
     torch.manual_seed(0)
     tasks = digits_tasks(2, per_task_train=64)
     model = TinyMultiHead([2, 2])
     config = ContinualConfig(method=method, epochs=10, lr=0.1, batch_size=32, eps=0.9, spatial_eps=0.9,
                              eps_cl=1.0, basis_samples=64, calibration_batches=2, seed=0,
-                             compress_first_task=compress_first_task)
+                             compress_first_task=compress_first_task, recalibrate_every=recalibrate_every)
     old_x = torch.stack([tasks[0].train[i][0] for i in range(64)])  # the inputs the basis is built from
     snapshots = {}
 
@@ -200,7 +201,8 @@ def _train_two_tasks(method: str, compress_first_task: bool = True):
             learner.model.eval()
             snapshots["before"] = _layer_outputs(learner.model, old_x, 0)
 
-    records, learner = run_sequence(model, tasks, config, meter_factory=meter_factory, on_task_end=after)
+    records, learner = run_sequence(model, tasks, config, meter_factory=meter_factory, on_task_end=after,
+                                    on_epoch_end=on_epoch_end)
     learner.model.eval()
     return snapshots["before"], _layer_outputs(learner.model, old_x, 0), records, learner
 
@@ -216,9 +218,9 @@ def _layer_outputs(model, x, task):
     return outs
 
 
-@pytest.mark.parametrize("method", ["lance", "gpm"])
-def test_old_task_outputs_do_not_move_with_protection(method):
-    before, after, records, learner = _train_two_tasks(method)
+@pytest.mark.parametrize("method, recalibrate_every", [("lance", 0), ("gpm", 0), ("lance", 2)])
+def test_old_task_outputs_do_not_move_with_protection(method, recalibrate_every):
+    before, after, records, learner = _train_two_tasks(method, recalibrate_every=recalibrate_every)
     # task 1 did change the shared weights...
     assert records[1].usage["fc"] > 0
     moved_weights = [n for n, l in learner.layers.items() if l.protected]
@@ -247,6 +249,34 @@ def test_lance_learns_new_tasks_about_as_well_as_gpm():
     assert lance[-1].BWT >= -3.0
     # the factors of later tasks are orthogonal to what earlier tasks protected: ranks were calibrated
     assert lance[2].ranks["fc"][0] >= 1 and 0 < lance[2].usage["conv2"] < 1
+
+
+def test_recalibration_refits_factors_orthogonal_to_the_basis_every_n_epochs():
+    torch.manual_seed(0)
+    config = ContinualConfig(method="lance", epochs=7, lr=0.1, batch_size=32, eps=0.9, spatial_eps=0.9,
+                             eps_cl=0.97, basis_samples=64, calibration_batches=2, seed=0, recalibrate_every=3)
+    learner = ContinualLearner(TinyMultiHead([2, 2]), config)
+    seen = []  # (task, epoch, {layer: U_F after the epoch}, {layer: protected basis})
+
+    def on_epoch_end(task, epoch, values):
+        seen.append((task, epoch, {n: l.u_feat.clone() for n, l in learner.layers.items()},
+                     {n: l.protected_basis.clone() for n, l in learner.layers.items()}))
+
+    run_sequence(learner.model, digits_tasks(2, per_task_train=64), config, meter_factory=None,
+                 on_epoch_end=on_epoch_end, learner=learner)
+    assert [(t, e) for t, e, _, _ in seen] == [(t, e) for t in (0, 1) for e in range(7)]
+    for name in ("conv2", "fc"):
+        factors = [u[name] for t, _, u, _ in seen if t == 0]
+        # fixed within each block of 3 epochs, re-fitted (to the weights as they trained) at epochs 3 and 6
+        for e in range(1, 7):
+            same = factors[e].shape == factors[e - 1].shape and torch.equal(factors[e], factors[e - 1])
+            assert same == (e % 3 != 0), (name, e)
+    for t, _, factors, bases in seen:
+        for name, u in factors.items():
+            p = bases[name]
+            if t == 1 and p.shape[1]:  # every factor task 1 used is orthogonal to task 0's protected basis
+                assert float((p.T @ u).abs().max()) < 1e-4, name
+    assert any(bases["conv2"].shape[1] for t, _, _, bases in seen if t == 1)
 
 
 def test_finetune_moves_old_task_outputs():

@@ -56,6 +56,10 @@ def register(subparsers) -> None:
                    help="LANCE: train task 0 compressed as well (default)")
     p.add_argument("--no-compress-first-task", dest="compress_first_task", action="store_false",
                    help="LANCE: train task 0 with full activations (its peak memory then equals GPM's)")
+    p.add_argument("--recalibrate-every", type=int, default=0, metavar="N",
+                   help="LANCE: re-fit the factors (still orthogonal to the protected basis) every N epochs of a "
+                        "task, on fresh batches, so they follow the weights as they train (default 0: once per "
+                        "task, before it)")
     p.add_argument("--seed", type=int, default=0, help="seed for class order, init, data order (default 0)")
     p.add_argument("--limit-train", type=int, default=None, help="training images per task (seeded subset)")
     p.add_argument("--limit-test", type=int, default=None, help="test images per task (seeded subset)")
@@ -100,7 +104,8 @@ def spec_from_args(args):
                     eps=args.eps, eps_plain=eps_plain, spatial_eps=spatial, eps_cl=args.eps_cl, eps_cl_step=args.eps_cl_step,
                     calibration_batches=args.calibration_batches,
                     calibration_batch_size=args.calibration_batch_size, basis_samples=args.basis_samples,
-                    compress_first_task=args.compress_first_task, seed=args.seed)
+                    compress_first_task=args.compress_first_task,
+                    recalibrate_every=args.recalibrate_every, seed=args.seed)
     ContinualConfig(method="lance", **training)  # validates the numbers
     return SequenceSpec(benchmark=args.benchmark, dataset=args.dataset, data_root=args.data_root,
                         backbone=args.backbone, resolution=args.resolution, limit_train=args.limit_train,

@@ -48,6 +48,7 @@ class ContinualConfig:
                                       # fc layers and heads are capped by the number of calibration images)
     basis_samples: int = 125          # examples of task t whose activations extend P (GPM uses 125)
     compress_first_task: bool = True  # LANCE: task 0 trained compressed too (else full activations)
+    recalibrate_every: int = 0        # LANCE: re-fit the factors every N epochs within a task (0 = once, before it)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +64,9 @@ class ContinualConfig:
             raise ValueError(f"spatial_eps must be in (0, 1] or None, got {self.spatial_eps}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.recalibrate_every < 0:
+            raise ValueError(f"recalibrate_every must be >= 0 epochs (0 = calibrate once per task), "
+                             f"got {self.recalibrate_every}")
 
     def eps_cl_at(self, task: int) -> float:
         return min(1.0, self.eps_cl + task * self.eps_cl_step)

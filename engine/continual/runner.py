@@ -123,6 +123,12 @@ def run_sequence(
         loss_sum = 0.0
         n_seen = 0
         for epoch in range(config.epochs):
+            if epoch and config.recalibrate_every and epoch % config.recalibrate_every == 0:
+                # fresh factors (still ⊥ P) fitted to the weights as they are now; momentum already held
+                # lies in the old span(U_F), which is ⊥ P as well, so protection is unaffected
+                ranks = learner.calibrate(t, _first_batches(task.train, config.calibration_batch_size,
+                                                            config.calibration_batches,
+                                                            _task_seed(config.seed, t, 1000 + epoch)))
             learner.train_mode(t)
             epoch_start = time.perf_counter()
             correct = total = 0
