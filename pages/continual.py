@@ -34,6 +34,13 @@ with st.form("continual_form"):
     limit_train = c4.number_input("Training images per task (0 = all)", 0, 100_000, 200, step=50, key="cl_limit")
     eps_cl = c5.number_input("ε_cl start", 0.5, 0.9999, 0.97, format="%.4f", key="cl_eps")
     eps_step = c6.number_input("ε_cl step per task", 0.0, 0.05, 0.003, format="%.4f", key="cl_eps_step")
+    c7, c8, c9, c10 = st.columns(4)
+    batch_size = c7.number_input("Batch size", 1, 4096, 64, key="cl_batch")
+    lr = c8.number_input("SGD learning rate", 1e-5, 1.0, 0.01, format="%.4f", key="cl_lr")
+    momentum = c9.number_input("SGD momentum", 0.0, 0.99, 0.0, step=0.1, format="%.2f", key="cl_momentum",
+                               help="No weight decay and no Adam: they would move weights out of the allowed subspace")
+    compress_first = c10.checkbox("LANCE: compress task 0 too", True, key="cl_compress_first",
+                                  help="Off: task 0 trains with full activations (GPM's memory for that task)")
     submitted = st.form_submit_button("Start task sequence", type="primary")
 
 if submitted:
@@ -43,7 +50,10 @@ if submitted:
         benchmark, _, dataset = bench.value.partition("|")
         args = ["--benchmark", benchmark, "--backbone", backbone, "--method", ",".join(methods),
                 "--epochs", str(epochs), "--eps-cl", str(eps_cl), "--eps-cl-step", str(eps_step),
+                "--batch-size", str(batch_size), "--lr", str(lr), "--momentum", str(momentum),
                 "--seed", str(cfg["seed"])]
+        if not compress_first:
+            args.append("--no-compress-first-task")
         if dataset:
             args += ["--dataset", dataset]
         if limit_train:

@@ -248,6 +248,37 @@ def test_continual_page_draws_matrix_tiles_and_usage():
     assert at.selectbox(key="cl_benchmark").value.value == "split-digits"
 
 
+def test_continual_page_starts_a_real_job_with_its_training_settings():
+    pytest.importorskip("engine.cli.continual", reason="`lance continual` not in this checkout")
+    at = _page("continual").run()
+    no_exception(at)
+    at.multiselect(key="cl_methods").set_value(["lance"])
+    at.number_input(key="cl_limit").set_value(40)
+    at.number_input(key="cl_batch").set_value(16)
+    at.number_input(key="cl_lr").set_value(0.02)
+    at.number_input(key="cl_momentum").set_value(0.5)
+    at.checkbox(key="cl_compress_first").uncheck()
+    at.button[0].click().run()
+    no_exception(at)
+    job = at.query_params["job"]
+    job_id = job[0] if isinstance(job, list) else job
+    from lance_app.jobs import JobRunner
+
+    runner = JobRunner()
+    argv = runner.get(job_id).argv
+    assert argv[argv.index("--batch-size") + 1] == "16" and argv[argv.index("--momentum") + 1] == "0.5"
+    assert "--no-compress-first-task" in argv
+    runner.wait(job_id, timeout_s=240)
+    run = RunStore().list_runs(job_id=job_id)[0]
+    assert run["status"] == "completed", run
+    training = RunStore().get_run(run["id"])["config"]["training"]
+    assert (training["batch_size"], training["lr"], training["momentum"]) == (16, 0.02, 0.5)
+    assert training["compress_first_task"] is False and training["method"] == "lance"
+    # task 0 trained uncompressed: no LANCE ranks logged for it, ranks for task 1 onwards
+    assert not RunStore().metrics(run["id"], key_prefix="rank/", split="task", task=0)
+    assert RunStore().metrics(run["id"], key_prefix="rank/", split="task", task=1)
+
+
 # -- runs ------------------------------------------------------------------------------------------
 def test_runs_page_table_filter_overlay_config_and_delete():
     store = RunStore()
