@@ -36,3 +36,15 @@ def _torch_threads():
 
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Small nets run fastest single-threaded on a shared CPU (2 threads oversubscribe it):
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

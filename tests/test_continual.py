@@ -18,13 +18,7 @@ from engine.continual.metrics import average_accuracy, backward_transfer, forget
 from engine.continual.runner import Task, run_sequence
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These small nets run fastest single-threaded on a shared CPU (2 threads oversubscribe it)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ small real stand-ins

@@ -14,12 +14,7 @@ SMALL = ["--benchmark", "split-digits", "--backbone", "alexnet-cl", "--epochs", 
          "--lr", "0.01", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cli_writes_task_rows_and_json(tmp_path):

@@ -13,12 +13,7 @@ from engine.data.feature_cache import FeatureDataset, cache_model_features, cach
 from engine.models import build_backbone, split_at_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_split_digits_tasks_are_disjoint_seeded_and_remapped():
