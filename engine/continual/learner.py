@@ -48,6 +48,7 @@ class ContinualConfig:
                                       # fc layers and heads are capped by the number of calibration images)
     basis_samples: int = 125          # examples of task t whose activations extend P (GPM uses 125)
     compress_first_task: bool = True  # LANCE: task 0 trained compressed too (else full activations)
+    eval_batch_size: int = 256        # test batches (a fixed seeded shuffle: batch-statistics BN sees mixed classes)
     recalibrate_every: int = 0        # LANCE: re-fit the factors every N epochs within a task (0 = once, before it)
     seed: int = 0
 
@@ -62,8 +63,8 @@ class ContinualConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if self.spatial_eps is not None and not 0.0 < self.spatial_eps <= 1.0:
             raise ValueError(f"spatial_eps must be in (0, 1] or None, got {self.spatial_eps}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         if self.recalibrate_every < 0:
             raise ValueError(f"recalibrate_every must be >= 0 epochs (0 = calibrate once per task), "
                              f"got {self.recalibrate_every}")

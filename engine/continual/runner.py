@@ -62,6 +62,16 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
 
 
+def _eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    """Test batches in one fixed, seeded shuffle: the same batches for every method and every row.
+
+    The CL networks normalise with batch statistics (GPM's ``track_running_stats=False``), so a test
+    image's logits depend on what shares its batch; an image folder lists its test set class by class,
+    and unshuffled batches of a single class would be normalised to chance accuracy.
+    """
+    return _loader(dataset, batch_size, True, 0)
+
+
 def _first_batches(dataset: Dataset, batch_size: int, n_batches: int, seed: int) -> list:
     out = []
     for i, batch in enumerate(_loader(dataset, batch_size, True, seed)):
@@ -160,7 +170,7 @@ def run_sequence(
                                                                     _task_seed(config.seed, t, 2)),
                                                             config.batch_size, 10**9, _task_seed(config.seed, t, 3)))
         task_ms = 1000.0 * (time.perf_counter() - start)
-        row = [learner.evaluate(j, _loader(tasks[j].test, 256, False, 0)) for j in range(t + 1)]
+        row = [learner.evaluate(j, _eval_loader(tasks[j].test, config.eval_batch_size)) for j in range(t + 1)]
         acc_matrix.append(row)
         summary = summarize(acc_matrix)
         record = TaskRecord(task=t, acc=row, ACC=summary["ACC"], BWT=summary["BWT"],
