@@ -42,7 +42,7 @@ class TaskRecord:
     peak_layer_activation_bytes: int
     peak_region_activation_bytes: int
     task_ms: float
-    ranks: dict[str, list[int]] = field(default_factory=dict)  # LANCE factor ranks used for the task
+    ranks: dict[str, list[int]] = field(default_factory=dict)  # LANCE factor ranks (last calibration of the task)
     basis: dict[str, dict] = field(default_factory=dict)       # basis extension info per layer
     train_loss: float = float("nan")
 
