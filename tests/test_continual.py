@@ -179,8 +179,7 @@ def test_lance_linear_gradient_3d_input_and_saved_size():
 
 
 # ------------------------------------------------------------------ protection of old tasks
-def _train_two_tasks(method: str, compress_first_task: bool = True, recalibrate_every: int = 0,
-                     on_epoch_end=None):
+def _train_two_tasks(method: str, compress_first_task: bool = True, recalibrate_every: int = 0):
     torch.manual_seed(0)
     tasks = digits_tasks(2, per_task_train=64)
     model = TinyMultiHead([2, 2])
@@ -195,8 +194,7 @@ def _train_two_tasks(method: str, compress_first_task: bool = True, recalibrate_
             learner.model.eval()
             snapshots["before"] = _layer_outputs(learner.model, old_x, 0)
 
-    records, learner = run_sequence(model, tasks, config, meter_factory=meter_factory, on_task_end=after,
-                                    on_epoch_end=on_epoch_end)
+    records, learner = run_sequence(model, tasks, config, meter_factory=meter_factory, on_task_end=after)
     learner.model.eval()
     return snapshots["before"], _layer_outputs(learner.model, old_x, 0), records, learner
 
