@@ -1,9 +1,7 @@
 """Continual learning: metrics, bases, LANCE's compressed gradient, protection of old tasks, runs."""
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

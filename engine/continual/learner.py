@@ -16,8 +16,8 @@ Rules that keep old tasks' outputs fixed (``lance`` and ``gpm``, tasks ``t >= 1`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
-from typing import Iterable, Iterator
+from dataclasses import dataclass, asdict
+from typing import Iterable
 
 import torch
 import torch.nn as nn

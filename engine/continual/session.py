@@ -10,7 +10,6 @@ task. Ctrl-C marks the run ``interrupted``.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
