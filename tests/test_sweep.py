@@ -20,7 +20,14 @@ import ray
 from engine.cli import main
 from engine.store import RunStore
 from engine.store.sweeps import SweepStore, trial_job_id
-from engine.sweep import SweepError, SweepSpec, pareto_front, run_sweep, start_ray, sweep_results
+from engine.sweep import (
+    SweepError,
+    SweepSpec,
+    pareto_front,
+    run_sweep,
+    start_ray,
+    sweep_results,
+)
 
 BASE = {"layers": 2, "epochs": 1, "limit_train": 192, "limit_val": 96, "batch_size": 32}
 
@@ -178,7 +185,7 @@ def test_axes_apply_to_the_methods_that_take_them():
     for t in spec.trials():
         counts[t.method] = counts.get(t.method, 0) + 1
     assert counts == {"vanilla": 2, "hosvd": 4, "asi": 4, "lance": 4}  # lance: budget, not eps
-    lance = [t for t in spec.trials() if t.method == "lance"][0]
+    lance = next(t for t in spec.trials() if t.method == "lance")
     config = spec.finetune_config(lance)
     assert config.budget == {"lance": "1MB"} and config.eps == {} and config.lr == 0.01
     assert len({t.key for t in spec.trials()}) == 14

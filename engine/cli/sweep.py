@@ -108,7 +108,13 @@ def spec_from_args(args):
 def run(args) -> int:
     from engine.store import RunStore, StoreError
     from engine.store.sweeps import SweepStore
-    from engine.sweep import SweepError, configurations_csv, log_trial, run_sweep, sweep_results
+    from engine.sweep import (
+        SweepError,
+        configurations_csv,
+        log_trial,
+        run_sweep,
+        sweep_results,
+    )
     from engine.sweep.results import print_table
 
     try:

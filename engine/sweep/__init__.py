@@ -9,10 +9,35 @@
 Every trial is a normal run in the run store (``job_id = <sweep_id>:<trial key>``; config
 ``sweep_id``, ``sweep_trial``); the grid and the trials' outcomes are in ``engine.store.sweeps``.
 """
-from engine.sweep.results import configurations_csv, pareto_front, sweep_results, trial_metrics
-from engine.sweep.runner import RayMissing, log_trial, new_sweep_id, prepare_sweep, run_sweep, start_ray
+from engine.sweep.results import (
+           configurations_csv,
+           pareto_front,
+           sweep_results,
+           trial_metrics,
+)
+from engine.sweep.runner import (
+           RayMissing,
+           log_trial,
+           new_sweep_id,
+           prepare_sweep,
+           run_sweep,
+           start_ray,
+)
 from engine.sweep.spec import SweepError, SweepSpec, Trial, parse_value
 
-__all__ = ["SweepSpec", "Trial", "SweepError", "RayMissing", "run_sweep", "start_ray", "prepare_sweep",
-           "new_sweep_id", "sweep_results", "pareto_front", "configurations_csv", "trial_metrics", "log_trial",
-           "parse_value"]
+__all__ = [
+           "RayMissing",
+           "SweepError",
+           "SweepSpec",
+           "Trial",
+           "configurations_csv",
+           "log_trial",
+           "new_sweep_id",
+           "pareto_front",
+           "parse_value",
+           "prepare_sweep",
+           "run_sweep",
+           "start_ray",
+           "sweep_results",
+           "trial_metrics",
+]

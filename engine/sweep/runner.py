@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from engine.store import RunStore, StoreError
 from engine.store.sweeps import SweepStore
@@ -30,7 +30,7 @@ class RayMissing(SweepError):
 
 
 def new_sweep_id() -> str:
-    return "sw-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+    return "sw-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 def _ray():
@@ -190,4 +190,4 @@ def log_trial(stream=sys.stderr) -> Callable[[dict], None]:
     return show
 
 
-__all__ = ["run_sweep", "start_ray", "prepare_sweep", "new_sweep_id", "log_trial", "RayMissing", "StoreError"]
+__all__ = ["RayMissing", "StoreError", "log_trial", "new_sweep_id", "prepare_sweep", "run_sweep", "start_ray"]

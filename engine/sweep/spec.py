@@ -130,11 +130,11 @@ class SweepSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SweepSpec":
+    def from_dict(cls, data: dict) -> SweepSpec:
         return cls(**{k: data[k] for k in ("kind", "methods", "seeds", "axes", "base") if k in data})
 
     # ---------------------------------------------------------------------------------- checks
-    def validate(self) -> "SweepSpec":
+    def validate(self) -> SweepSpec:
         if self.kind not in KINDS:
             raise SweepError(f"unknown sweep kind {self.kind!r}; use finetune or continual")
         allowed = methods_for(self.kind)
