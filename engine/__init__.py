@@ -10,6 +10,7 @@ Public API::
     loss.backward()
     meter.layer_activation_bytes, meter.region_activation_bytes, handle.stats()
     engine.restore_model(model)                                # original layers back
+    engine.pack_region(model) / engine.unpack_region(model)    # lossless packing of BN/ReLU/dropout/pool saves
 
 Methods and their options: ``engine.METHODS`` / ``engine.method_options(name)``.
 Never imports Streamlit.
@@ -21,6 +22,7 @@ from engine.functional import (
 from engine.layers import CompressedLayer
 from engine.memory import SavedBytesMeter
 from engine.methods import METHODS, make_method, method_options
+from engine.packing import pack_region, unpack_region
 from engine.surgery import (
     CompressionHandle, compress_model, compressible_layers, resolve_layers, restore_model, set_train_mode,
 )
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "CompressedLayer", "CompressionHandle", "SavedBytesMeter", "compress_model", "compressible_layers",
-    "default_asi_ranks", "hosvd", "hosvd_ranks", "make_method", "method_options", "resolve_layers", "restore_model",
+    "default_asi_ranks", "hosvd", "hosvd_ranks", "make_method", "method_options", "pack_region", "resolve_layers", "restore_model",
     "set_train_mode", "tucker_bytes", "tucker_elements", "tucker_weight_grad", "tucker_weight_grad_at_ranks",
+    "unpack_region",
 ]

@@ -9,12 +9,19 @@ activations, and are left out. Two figures:
   the papers report, on paper);
 * ``region_activation_bytes``: everything autograd saves in the pass: BatchNorm inputs, activation
   function outputs, pooling indices, the loss' softmax, the compressed layers' stashes.
+
+Both are the peak, over the block, of the bytes autograd holds at once: a tensor counts from the
+moment it is saved until its graph node releases it (backward, or the graph being dropped). The pack
+hook hands autograd a detached alias, so the meter itself never keeps a graph alive.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
+import weakref
 from collections import defaultdict
+from typing import Self
 
 import torch
 from torch import nn
@@ -36,12 +43,28 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
+class _Saved:
+    """What the pack hook hands autograd: a detached alias of the saved tensor (no ``grad_fn``, so no
+    reference cycle node → saved tensor → node) and the storage it was counted under."""
+
+    __slots__ = ("__weakref__", "key", "layer", "tensor")
+
+    def __init__(self, tensor: torch.Tensor, key, layer):
+        self.tensor = tensor
+        self.key = key
+        self.layer = layer
+
+
 class SavedBytesMeter:
     """Context manager measuring saved-for-backward bytes during the forward passes inside it.
 
-    ``model``: its parameters and (non-method) buffers are excluded. Attributes after the block:
-    ``layer_activation_bytes``, ``region_activation_bytes``, ``per_layer_bytes`` (name → bytes),
-    ``tensor_count``.
+    ``model``: its parameters and (non-method) buffers are excluded. Every saved storage is counted
+    once while autograd holds it; the figures are the **peak of the live saved bytes** over the block
+    (a side graph built and dropped in forward is released, and stops counting, when it is dropped).
+    Attributes after the block: ``layer_activation_bytes``, ``region_activation_bytes``,
+    ``per_layer_bytes`` (name → peak bytes), ``tensor_count`` (storages counted).
+    ``saved_by_op(root)`` lists what the graph under ``root`` (e.g. the loss, before backward) saves,
+    by the saving node's ``grad_fn`` name.
     """
 
     def __init__(self, model: nn.Module | None = None):
@@ -60,8 +83,12 @@ class SavedBytesMeter:
         self.region_activation_bytes = 0
         self.per_layer_bytes: dict[str, int] = defaultdict(int)
         self.tensor_count = 0
-        self._seen_region: set[tuple[str, int]] = set()
-        self._seen_layer: set[tuple[str, int]] = set()
+        self._lock = threading.RLock()  # CUDA backward frees saved tensors on the device thread
+        self._live: dict[tuple[str, int], list[int]] = {}  # storage -> [holders alive, nbytes]
+        self._live_layer: dict[tuple[str, int], list] = {}  # storage -> [holders alive, nbytes, layer]
+        self._live_bytes = 0
+        self._live_layer_bytes = 0
+        self._live_per_layer: dict[str, int] = defaultdict(int)
         self._hooks = None
 
     def _pack(self, t: torch.Tensor):
@@ -69,24 +96,59 @@ class SavedBytesMeter:
             return t
         key = _storage_key(t)
         if key in self._excluded:
-            return t
+            return t  # a parameter or buffer: a leaf, no graph to keep alive
         nbytes = t.untyped_storage().nbytes()
-        if key not in self._seen_region:
-            self._seen_region.add(key)
-            self.region_activation_bytes += nbytes
-            self.tensor_count += 1
         layer = _CURRENT_LAYER.get()
-        if layer is not None and key not in self._seen_layer:
-            self._seen_layer.add(key)
-            self.layer_activation_bytes += nbytes
-            self.per_layer_bytes[layer] += nbytes
-        return t
+        holder = _Saved(t.detach(), key, layer)
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is None:
+                self._live[key] = [1, nbytes]
+                self._live_bytes += nbytes
+                self.tensor_count += 1
+                self.region_activation_bytes = max(self.region_activation_bytes, self._live_bytes)
+            else:
+                entry[0] += 1
+            if layer is not None:
+                lentry = self._live_layer.get(key)
+                if lentry is None:
+                    self._live_layer[key] = [1, nbytes, layer]
+                    self._live_layer_bytes += nbytes
+                    self._live_per_layer[layer] += nbytes
+                    self.layer_activation_bytes = max(self.layer_activation_bytes, self._live_layer_bytes)
+                    self.per_layer_bytes[layer] = max(self.per_layer_bytes[layer], self._live_per_layer[layer])
+                else:
+                    lentry[0] += 1
+        weakref.finalize(holder, self._release, key, layer is not None)
+        return holder
+
+    def _release(self, key, in_layer: bool) -> None:
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del self._live[key]
+                    self._live_bytes -= entry[1]
+            if in_layer:
+                lentry = self._live_layer.get(key)
+                if lentry is not None:
+                    lentry[0] -= 1
+                    if lentry[0] == 0:
+                        del self._live_layer[key]
+                        self._live_layer_bytes -= lentry[1]
+                        self._live_per_layer[lentry[2]] -= lentry[1]
 
     @staticmethod
-    def _unpack(t):
-        return t
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Saved) else packed
 
-    def __enter__(self) -> "SavedBytesMeter":
+    @property
+    def live_region_bytes(self) -> int:
+        """Saved bytes autograd holds now (falls to 0 as backward frees the graph)."""
+        return int(self._live_bytes)
+
+    def __enter__(self) -> Self:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
@@ -95,9 +157,68 @@ class SavedBytesMeter:
         self._hooks.__exit__(*exc)
         self._hooks = None
 
+    def saved_by_op(self, root: torch.Tensor | torch.autograd.graph.Node) -> list[dict]:
+        """What the graph under ``root`` saves for backward, by saving op: ``[{"op", "bytes", "tensors",
+        "shapes", "dtypes"}]``, largest first (call before backward frees the graph).
+
+        ``op`` is the saving node's ``grad_fn`` name (``NativeBatchNormBackward0``, ``HardtanhBackward0``,
+        ``PackedReLUBackward`` …); a storage saved by several nodes goes to the first one reached from
+        ``root``. Parameters and buffers are left out, as in the figures.
+        """
+        node = root.grad_fn if isinstance(root, torch.Tensor) else root
+        claimed: set[tuple[str, int]] = set()
+        rows: dict[str, dict] = {}
+        seen: set = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            for t in _node_saved_tensors(n):
+                if t.layout != torch.strided:
+                    continue
+                key = _storage_key(t)
+                if key in self._excluded or key in claimed:
+                    continue
+                claimed.add(key)
+                row = rows.setdefault(n.name(), {"op": n.name(), "bytes": 0, "tensors": 0, "shapes": [],
+                                                 "dtypes": []})
+                row["bytes"] += t.untyped_storage().nbytes()
+                row["tensors"] += 1
+                row["shapes"].append(list(t.shape))
+                row["dtypes"].append(str(t.dtype).replace("torch.", ""))
+            stack.extend(nxt for nxt, _ in n.next_functions)
+        return sorted(rows.values(), key=lambda r: -r["bytes"])
+
     def as_dict(self) -> dict:
         return {
             "layer_activation_bytes": int(self.layer_activation_bytes),
             "region_activation_bytes": int(self.region_activation_bytes),
             "per_layer_bytes": dict(self.per_layer_bytes),
         }
+
+
+def _node_saved_tensors(node) -> list[torch.Tensor]:
+    """The tensors an autograd node holds for backward (built-in ``_saved_*`` fields and a custom
+    Function's ``saved_tensors``)."""
+    out: list[torch.Tensor] = []
+    for attr in dir(node):
+        if not attr.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, attr)
+        except (RuntimeError, AttributeError):
+            continue
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, (tuple, list)):
+            out.extend(v for v in value if isinstance(v, torch.Tensor))
+    saved = None
+    try:
+        saved = getattr(node, "saved_tensors", None)
+    except RuntimeError:
+        saved = None
+    if saved:
+        out.extend(t for t in saved if isinstance(t, torch.Tensor))
+    return out

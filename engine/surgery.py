@@ -6,14 +6,15 @@ first chosen layer are kept in eval mode and every BatchNorm stays in eval mode 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from torch import nn
 
 from engine.layers import CompressedLayer
 from engine.methods import make_method
 from engine.methods.calibration import calibrate_layers
+from engine.packing import pack_region, unpack_region
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -59,6 +60,7 @@ class CompressionHandle:
     method: str
     layers: dict[str, CompressedLayer]
     frozen_prefix: list[str] = field(default_factory=list)
+    packed: list[str] = field(default_factory=list)  # modules saving a packed form (engine.packing)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -85,12 +87,16 @@ def set_train_mode(model: nn.Module, frozen_prefix: Iterable[str] = ()) -> None:
 
 def compress_model(model: nn.Module, method: str, layers: Iterable[str] | None = None, last_k: int | None = None,
                    options: dict | None = None, calibration_loader=None, calibration_batches: int | None = None,
-                   seed: int = 0, train_head: bool = True, calibration_forward=None) -> CompressionHandle:
+                   seed: int = 0, train_head: bool = True, calibration_forward=None,
+                   pack: bool = True) -> CompressionHandle:
     """Compress the chosen layers of ``model`` in place with ``method`` and freeze everything else.
 
     ``options``: the method's keyword options (see :data:`engine.methods.METHODS`); ``ranks`` may be a
     dict keyed by layer name. LANCE needs ``calibration_loader`` (batches or ``(x, y)`` pairs) and uses
-    ``calibration_batches`` of it (all when ``None``). Returns a :class:`CompressionHandle`.
+    ``calibration_batches`` of it (all when ``None``). ``pack`` (default on, every method): the rest of
+    the region saves its lossless packed forms (:mod:`engine.packing`: frozen BatchNorm nothing,
+    ReLU/ReLU6 masks as bits, max-pool offsets as uint8); ``pack=False`` keeps plain autograd.
+    Returns a :class:`CompressionHandle`.
     """
     if any(isinstance(m, CompressedLayer) for m in model.modules()):
         raise ValueError("model is already compressed: call engine.restore_model(model) first")
@@ -129,13 +135,16 @@ def compress_model(model: nn.Module, method: str, layers: Iterable[str] | None =
             break
         if name and not first.startswith(name + "."):
             prefix.append(name)
-    handle = CompressionHandle(model, method, compressed, prefix)
+    packed = pack_region(model) if pack else []
+    handle = CompressionHandle(model, method, compressed, prefix, packed)
     handle.train_mode()
     return handle
 
 
 def restore_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`compress_model`: original modules back (same Parameters), requires_grad as before."""
+    """Undo :func:`compress_model`: original modules back (same Parameters), requires_grad as before,
+    packing off."""
+    unpack_region(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, CompressedLayer):
             _set_submodule(model, name, module.original)

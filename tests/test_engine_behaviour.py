@@ -142,7 +142,7 @@ def test_region_bytes_include_batchnorm_and_activations():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     x = torch.randn(4, 3, 16, 16)
-    handle = engine.compress_model(model, "asi", last_k=2)
+    handle = engine.compress_model(model, "asi", last_k=2, pack=False)
     with engine.SavedBytesMeter(model) as meter:
         out = model(x)
     out.sum().backward()
@@ -150,6 +150,12 @@ def test_region_bytes_include_batchnorm_and_activations():
     full = 4 * 8 * 16 * 16 * 4
     assert meter.layer_activation_bytes == handle.analytic_bytes()
     assert meter.region_activation_bytes >= meter.layer_activation_bytes + full
+    # packed (the default): frozen BN saves nothing, ReLU one bit per element
+    engine.pack_region(model)
+    with engine.SavedBytesMeter(model) as packed:
+        out = model(x)
+    out.sum().backward()
+    assert packed.region_activation_bytes == packed.layer_activation_bytes + full // 32
     # nothing before the first trained layer is saved: the frozen prefix does not need gradients
     assert handle.frozen_prefix == ["0", "1", "2"]
 

@@ -1,0 +1,398 @@
+"""Lossless packing of what the rest of the trained region saves for backward.
+
+Around the compressed layers, autograd keeps whole activations for ops whose backward needs far less:
+
+| op | autograd keeps | packed form (exact) |
+|---|---|---|
+| BatchNorm in eval, affine params frozen | its input (B, C, …) float | nothing: the input gradient is ``grad · w / sqrt(running_var + eps)`` (per channel, from the module's own parameters and buffers) |
+| ReLU | its output, float | 1 bit per element (``y > 0``) |
+| ReLU6 / Hardtanh(a, b) | its input, float | 1 bit per element (``a < x < b``) |
+| Hardsigmoid | its input, float | 1 bit per element (``-3 < x < 3``; the slope there is 1/6) |
+| LeakyReLU | its input, float | 1 bit per element (``x > 0``) |
+| Dropout (CPU) | the scaled noise, float | 1 bit per element (the kept mask); the scale is recomputed bit for bit |
+| Dropout (CUDA) | the bool mask, 1 byte | 1 bit per element |
+| MaxPool2d | its input (float) + int64 indices | the argmax' offset inside its window, in the narrowest integer type (uint8 up to 256 window positions) |
+| AvgPool2d / AdaptiveAvgPool2d | its input, float (for its shape) | nothing (the shape) |
+
+Bits are packed 8 to a ``torch.uint8`` (little-endian within the byte). Hard-swish has no exact compact
+form (its slope ``(2x + 3)/6`` on (-3, 3) needs ``x``, and ``x`` cannot be recovered exactly from the
+output), so it keeps its input. BatchNorm that normalises with batch statistics (training mode, or
+``track_running_stats=False`` as in the continual nets) keeps what its backward needs (the input and
+the per-channel mean and inverse std) untouched. Everything else is left to autograd and listed by
+:meth:`engine.memory.SavedBytesMeter.saved_by_op`.
+
+Packing works by swapping a module's class for a subclass (``PackedReLU6`` for ``nn.ReLU6`` …): the
+parameters, buffers, ``state_dict`` keys and ``isinstance`` checks are unchanged, forward values are
+computed by the original op (bit for bit), and where a packed form does not apply (no grad needed,
+BatchNorm in training mode or with trained affine parameters, ``inplace=True``, ``return_indices``) the
+original forward runs. :func:`pack_region` / :func:`unpack_region` switch it on and off.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_ONE_SIXTH = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))  # ATen's hardsigmoid slope: 1.0f / 6.0f
+
+
+# ---------------------------------------------------------------------------- bits
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor (any shape, n elements) -> uint8 (⌈n/8⌉,), element i in bit i % 8 of byte i // 8."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = _shifts(flat.device)
+    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (⌈n/8⌉,) -> bool tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
+    return bits.reshape(-1)[:n].view(shape).bool()
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    shifts = _SHIFTS.get(device)
+    if shifts is None:
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        _SHIFTS[device] = shifts
+    return shifts
+
+
+def _wants_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+# ---------------------------------------------------------------------------- frozen BatchNorm
+class _FrozenBatchNorm(torch.autograd.Function):
+    """y = batch_norm(x) with running statistics; saves only the module's own var/weight (model state)."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
+        ctx.eps = eps
+        ctx.has_weight = weight is not None
+        ctx.save_for_backward(running_var, *([weight] if weight is not None else []))
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        running_var, *rest = ctx.saved_tensors
+        scale = 1.0 / torch.sqrt(running_var + ctx.eps)
+        if ctx.has_weight:
+            scale = rest[0] * scale
+        shape = [1, -1] + [1] * (grad.dim() - 2)
+        return grad * scale.to(grad.dtype).view(shape), None, None, None, None, None
+
+
+class _PackedBatchNormMixin:
+    def forward(self, x):
+        frozen = (not self.training and self.running_mean is not None and self.running_var is not None
+                  and not any(p is not None and p.requires_grad for p in (self.weight, self.bias)))
+        if not frozen or not _wants_grad(x):
+            return super().forward(x)
+        self._check_input_dim(x)
+        return _FrozenBatchNorm.apply(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+
+class PackedBatchNorm1d(_PackedBatchNormMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that saves nothing for backward when frozen in eval mode."""
+
+
+class PackedBatchNorm2d(_PackedBatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that saves nothing for backward when frozen in eval mode."""
+
+
+class PackedBatchNorm3d(_PackedBatchNormMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that saves nothing for backward when frozen in eval mode."""
+
+
+# ---------------------------------------------------------------------------- masked activations
+class _MaskedGrad(torch.autograd.Function):
+    """y = fn(x) (the original op, bit for bit); backward = grad where ``mask_fn`` holds, scaled as ATen does.
+
+    The mask is saved as packed bits. ``kind``: ``relu``/``hardtanh`` (grad inside, 0 outside),
+    ``hardsigmoid`` (grad · 1/6 inside, 0 outside), ``leaky_relu`` (grad inside, grad · ``slope`` outside).
+    """
+
+    @staticmethod
+    def forward(ctx, x, fn, mask_fn, kind, slope):
+        y = fn(x)
+        mask = mask_fn(x, y)
+        ctx.shape = mask.shape
+        ctx.kind = kind
+        ctx.slope = slope
+        ctx.save_for_backward(pack_bits(mask))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_bits(packed, ctx.shape)
+        if ctx.kind == "hardsigmoid":
+            grad_in = torch.where(mask, grad * _ONE_SIXTH, grad.new_zeros(()))
+        elif ctx.kind == "leaky_relu":
+            grad_in = torch.where(mask, grad, grad * ctx.slope)
+        else:  # relu, hardtanh: grad where the mask holds, 0 elsewhere
+            grad_in = grad.masked_fill(~mask, 0)
+        return grad_in, None, None, None, None
+
+
+def _masked(x, fn, mask_fn, kind, slope=None):
+    return _MaskedGrad.apply(x, fn, mask_fn, kind, slope)
+
+
+class PackedReLU(nn.ReLU):
+    """``nn.ReLU`` saving 1 bit per element (``y > 0``) instead of its output."""
+
+    def forward(self, x):
+        if self.inplace or not _wants_grad(x):
+            return super().forward(x)
+        return _masked(x, torch.relu, lambda x, y: y > 0, "relu")
+
+
+class _PackedHardtanhMixin:
+    def forward(self, x):
+        if self.inplace or not _wants_grad(x):
+            return super().forward(x)
+        lo, hi = self.min_val, self.max_val
+        return _masked(x, super().forward, lambda x, y: (x > lo) & (x < hi), "hardtanh")
+
+
+class PackedHardtanh(_PackedHardtanhMixin, nn.Hardtanh):
+    """``nn.Hardtanh`` saving 1 bit per element (``min < x < max``) instead of its input."""
+
+
+class PackedReLU6(_PackedHardtanhMixin, nn.ReLU6):
+    """``nn.ReLU6`` saving 1 bit per element (``0 < x < 6``) instead of its input."""
+
+
+class PackedHardsigmoid(nn.Hardsigmoid):
+    """``nn.Hardsigmoid`` saving 1 bit per element (``-3 < x < 3``, where the slope is 1/6)."""
+
+    def forward(self, x):
+        if self.inplace or not _wants_grad(x):
+            return super().forward(x)
+        return _masked(x, super().forward, lambda x, y: (x > -3) & (x < 3), "hardsigmoid")
+
+
+class PackedLeakyReLU(nn.LeakyReLU):
+    """``nn.LeakyReLU`` saving 1 bit per element (``x > 0``) instead of its input."""
+
+    def forward(self, x):
+        if self.inplace or not _wants_grad(x):
+            return super().forward(x)
+        return _masked(x, super().forward, lambda x, y: x > 0, "leaky_relu", float(self.negative_slope))
+
+
+# ---------------------------------------------------------------------------- dropout
+_FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
+
+
+class _PackedDropout(torch.autograd.Function):
+    """Dropout drawing exactly what ``F.dropout`` draws (same RNG calls), keeping the mask as bits."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        ctx.p = p
+        ctx.shape = x.shape
+        ctx.fused = x.device.type in _FUSED_DROPOUT_DEVICES
+        if ctx.fused:  # ATen: native_dropout on these devices
+            y, mask = torch.native_dropout(x, p, True)
+        else:  # ATen's _dropout: noise = bernoulli(1 - p) / (1 - p); y = x * noise
+            noise = torch.empty_like(x).bernoulli_(1 - p)
+            mask = noise.bool()
+            noise.div_(1 - p)
+            y = x * noise
+        ctx.dtype = x.dtype
+        ctx.save_for_backward(pack_bits(mask))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_bits(packed, ctx.shape)
+        if ctx.fused:
+            return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - ctx.p)), None
+        noise = mask.to(ctx.dtype).div_(1 - ctx.p)
+        return grad * noise, None
+
+
+class PackedDropout(nn.Dropout):
+    """``nn.Dropout`` keeping its mask as 1 bit per element (the same masks as ``F.dropout``)."""
+
+    def forward(self, x):
+        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or not _wants_grad(x) or x.numel() == 0:
+            return super().forward(x)
+        return _PackedDropout.apply(x, float(self.p))
+
+
+# ---------------------------------------------------------------------------- max-pool
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def offset_dtype(window: int) -> torch.dtype:
+    """The narrowest integer type holding offsets ``0 .. window - 1``."""
+    if window <= 256:
+        return torch.uint8
+    if window <= 2 ** 15:
+        return torch.int16
+    return torch.int32
+
+
+class _PackedMaxPool2d(torch.autograd.Function):
+    """max_pool2d keeping only each output's argmax offset within its window (no input, no int64)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        y, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        width = x.shape[-1]
+        oh = torch.arange(y.shape[-2], device=x.device).view(-1, 1)
+        ow = torch.arange(y.shape[-1], device=x.device).view(1, -1)
+        h0 = oh * stride[0] - padding[0]
+        w0 = ow * stride[1] - padding[1]
+        kh = torch.div(torch.div(idx, width, rounding_mode="floor") - h0, dilation[0], rounding_mode="floor")
+        kw = torch.div(idx % width - w0, dilation[1], rounding_mode="floor")
+        offsets = (kh * kernel[1] + kw).to(offset_dtype(kernel[0] * kernel[1]))
+        ctx.params = (kernel, stride, padding, dilation, ceil_mode)
+        ctx.in_shape = x.shape
+        ctx.in_dtype = x.dtype
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous()
+        ctx.save_for_backward(offsets)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        kernel, stride, padding, dilation, ceil_mode = ctx.params
+        width = ctx.in_shape[-1]
+        off = offsets.long()
+        kh, kw = torch.div(off, kernel[1], rounding_mode="floor"), off % kernel[1]
+        oh = torch.arange(off.shape[-2], device=off.device).view(-1, 1)
+        ow = torch.arange(off.shape[-1], device=off.device).view(1, -1)
+        h = oh * stride[0] - padding[0] + kh * dilation[0]
+        w = ow * stride[1] - padding[1] + kw * dilation[1]
+        idx = h * width + w
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        shape_only = torch.empty(ctx.in_shape, dtype=ctx.in_dtype, device=grad.device, memory_format=fmt)
+        grad_in = torch.ops.aten.max_pool2d_with_indices_backward(grad, shape_only, kernel, stride, padding,
+                                                                  dilation, ceil_mode, idx)
+        return grad_in, None, None, None, None, None
+
+
+class PackedMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` keeping window offsets (uint8 for windows up to 16×16) instead of input + int64."""
+
+    def forward(self, x):
+        if self.return_indices or not _wants_grad(x) or x.dim() not in (3, 4):
+            return super().forward(x)
+        kernel = _pair(self.kernel_size)
+        stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+        return _PackedMaxPool2d.apply(x, kernel, stride, _pair(self.padding), _pair(self.dilation),
+                                      bool(self.ceil_mode))
+
+
+# ---------------------------------------------------------------------------- average pools
+class _ShapeOnlyPool(torch.autograd.Function):
+    """An average pool whose backward needs only the input's shape (ATen saves the whole input for it)."""
+
+    @staticmethod
+    def forward(ctx, x, forward_fn, backward_fn):
+        ctx.in_shape, ctx.in_dtype, ctx.backward_fn = x.shape, x.dtype, backward_fn
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous()
+        return forward_fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        shape_only = torch.empty(ctx.in_shape, dtype=ctx.in_dtype, device=grad.device, memory_format=fmt)
+        return ctx.backward_fn(grad, shape_only), None, None
+
+
+class PackedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` saving nothing (its backward needs the input's shape only)."""
+
+    def forward(self, x):
+        if not _wants_grad(x) or x.dim() not in (3, 4):
+            return super().forward(x)
+        return _ShapeOnlyPool.apply(x, super().forward, torch.ops.aten._adaptive_avg_pool2d_backward)
+
+
+class PackedAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` saving nothing (its backward needs the input's shape only)."""
+
+    def forward(self, x):
+        if not _wants_grad(x) or x.dim() not in (3, 4):
+            return super().forward(x)
+        kernel = _pair(self.kernel_size)
+        stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+        padding, ceil, include, divisor = _pair(self.padding), bool(self.ceil_mode), \
+            bool(self.count_include_pad), self.divisor_override
+
+        def backward(grad, shape_only):
+            return torch.ops.aten.avg_pool2d_backward(grad, shape_only, kernel, stride, padding, ceil, include,
+                                                      divisor)
+
+        return _ShapeOnlyPool.apply(x, super().forward, backward)
+
+
+# ---------------------------------------------------------------------------- switching
+PACKED_CLASSES: dict[type, type] = {
+    nn.BatchNorm1d: PackedBatchNorm1d,
+    nn.BatchNorm2d: PackedBatchNorm2d,
+    nn.BatchNorm3d: PackedBatchNorm3d,
+    nn.ReLU: PackedReLU,
+    nn.ReLU6: PackedReLU6,
+    nn.Hardtanh: PackedHardtanh,
+    nn.Hardsigmoid: PackedHardsigmoid,
+    nn.LeakyReLU: PackedLeakyReLU,
+    nn.Dropout: PackedDropout,
+    nn.MaxPool2d: PackedMaxPool2d,
+    nn.AdaptiveAvgPool2d: PackedAdaptiveAvgPool2d,
+    nn.AvgPool2d: PackedAvgPool2d,
+}
+_ORIGINAL = {packed: original for original, packed in PACKED_CLASSES.items()}
+
+
+def pack_region(model: nn.Module, region: Iterable[str] | None = None) -> list[str]:
+    """Switch packing on for the modules of ``model`` (all, or those named in ``region`` and below them).
+
+    Modules whose class is exactly one of :data:`PACKED_CLASSES`' keys get the packed subclass (same
+    parameters, buffers, state_dict). Returns the names of the modules switched. Modules that need no
+    gradient (a frozen prefix) run their original forward anyway, so packing the whole model is safe.
+    """
+    prefixes = None if region is None else [r for r in region]
+    switched = []
+    for name, module in model.named_modules():
+        if prefixes is not None and not any(name == p or name.startswith(p + ".") for p in prefixes):
+            continue
+        packed = PACKED_CLASSES.get(type(module))
+        if packed is not None:
+            module.__class__ = packed
+            switched.append(name)
+    return switched
+
+
+def unpack_region(model: nn.Module) -> list[str]:
+    """Undo :func:`pack_region`: every packed module back to its original class. Returns their names."""
+    switched = []
+    for name, module in model.named_modules():
+        original = _ORIGINAL.get(type(module))
+        if original is not None:
+            module.__class__ = original
+            switched.append(name)
+    return switched
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(type(m) in _ORIGINAL for m in model.modules())

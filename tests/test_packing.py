@@ -1,0 +1,278 @@
+"""Lossless packing (engine.packing): same forward, same gradients as autograd, fewer saved bytes."""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import engine
+from engine.memory import SavedBytesMeter
+from engine.packing import (
+    PACKED_CLASSES,
+    offset_dtype,
+    pack_bits,
+    pack_region,
+    unpack_bits,
+    unpack_region,
+)
+
+
+def test_bits_round_trip_any_length():
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 64, 1001):
+        mask = torch.rand(n, generator=gen) > 0.5
+        packed = pack_bits(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+        assert torch.equal(unpack_bits(packed, mask.shape), mask)
+    mask = torch.tensor([True, False, True] + [False] * 5)
+    assert pack_bits(mask).tolist() == [0b101]
+
+
+def _packed_copy(module: nn.Module) -> nn.Module:
+    packed = copy.deepcopy(module)
+    pack_region(packed)
+    assert type(packed) is PACKED_CLASSES[type(module)]
+    return packed
+
+
+def _compare(module: nn.Module, x: torch.Tensor, seed: int = 0):
+    """(plain meter, packed meter): asserts forward equal bit for bit and input gradients equal in fp64."""
+    packed = _packed_copy(module)
+    results = []
+    for m in (module, packed):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(seed)
+        with SavedBytesMeter(m) as meter:
+            y = m(xi)
+        (grad,) = torch.autograd.grad(y, xi, _cot(y, seed))
+        results.append((y.detach(), grad, meter))
+    (y0, g0, m0), (y1, g1, m1) = results
+    assert torch.equal(y0, y1)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=1e-12)
+    return m0, m1
+
+
+def _cot(y: torch.Tensor, seed: int) -> torch.Tensor:
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=y.dtype)
+
+
+def _x(*shape, scale=4.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-1.0, 2.0), nn.Hardsigmoid(),
+                                    nn.LeakyReLU(0.1)], ids=lambda m: type(m).__name__)
+def test_masked_activations_match_autograd_and_save_one_bit(module):
+    x = _x(4, 6, 5, 5)
+    x[0, 0, 0, :3] = torch.tensor([0.0, 6.0, -3.0], dtype=torch.float64)  # the boundaries themselves
+    plain, packed = _compare(module, x)
+    assert packed.region_activation_bytes == (x.numel() + 7) // 8
+    assert plain.region_activation_bytes == x.numel() * 8
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d(6), nn.BatchNorm2d(6), nn.BatchNorm2d(6, affine=False)],
+                         ids=["1d", "2d", "2d-no-affine"])
+def test_frozen_eval_batchnorm_saves_nothing_and_matches(bn):
+    bn = bn.double()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        if bn.weight is not None:
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+    for p in bn.parameters():
+        p.requires_grad_(False)
+    bn.eval()
+    x = _x(5, 6, 4, 4) if isinstance(bn, nn.BatchNorm2d) else _x(5, 6)
+    plain, packed = _compare(bn, x)
+    assert packed.region_activation_bytes == 0
+    assert plain.region_activation_bytes >= x.numel() * 8
+
+
+def test_batchnorm_with_batch_statistics_or_trained_affine_keeps_autograd():
+    stats = nn.BatchNorm2d(6, track_running_stats=False).double()  # the continual nets' BN
+    x = _x(5, 6, 4, 4)
+    plain, packed = _compare(stats.train(), x)
+    assert packed.region_activation_bytes == plain.region_activation_bytes >= x.numel() * 8
+    trained = nn.BatchNorm2d(6).double().eval()  # eval, but its affine parameters train
+    plain, packed = _compare(trained, x)
+    assert packed.region_activation_bytes == plain.region_activation_bytes >= x.numel() * 8
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_draws_the_same_mask_and_keeps_it_as_bits(p):
+    drop = nn.Dropout(p).train()
+    x = _x(8, 33)
+    plain, packed = _compare(drop, x, seed=5)  # same seed: the very same mask as F.dropout's
+    assert packed.region_activation_bytes == (x.numel() + 7) // 8
+    assert plain.region_activation_bytes == x.numel() * 8  # CPU: autograd keeps the float noise
+
+
+@pytest.mark.parametrize("kwargs", [{"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1},
+                                    {"kernel_size": 3, "stride": 1, "dilation": 2}, {"kernel_size": 3, "ceil_mode": True},
+                                    {"kernel_size": (2, 3), "stride": (1, 2)}], ids=str)
+def test_max_pool_keeps_window_offsets_in_uint8(kwargs):
+    pool = nn.MaxPool2d(**kwargs)
+    x = _x(2, 3, 11, 12)
+    x[0, 0, :4, :4] = 1.0  # ties: the first maximum wins in both
+    plain, packed = _compare(pool, x)
+    out = pool(x)
+    assert packed.region_activation_bytes == out.numel()  # one uint8 per output
+    assert plain.region_activation_bytes == x.numel() * 8 + out.numel() * 8
+
+
+def test_max_pool_on_channels_last_and_3d_input():
+    pool = nn.MaxPool2d(2)
+    _compare(pool, _x(2, 3, 8, 8).contiguous(memory_format=torch.channels_last))
+    _compare(pool, _x(3, 8, 8))
+
+
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((3, 2)), nn.AvgPool2d(2),
+                                  nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)], ids=str)
+def test_average_pools_save_nothing(pool):
+    x = _x(2, 3, 9, 8)
+    plain, packed = _compare(pool, x)
+    assert packed.region_activation_bytes == 0
+    # ATen turns an adaptive pool to 1x1 into a mean, which saves nothing either
+    assert plain.region_activation_bytes == (0 if pool.__dict__.get("output_size") == 1 else x.numel() * 8)
+
+
+def test_offset_dtype_is_the_narrowest():
+    assert offset_dtype(4) == torch.uint8 and offset_dtype(256) == torch.uint8
+    assert offset_dtype(257) == torch.int16 and offset_dtype(2 ** 16) == torch.int32
+
+
+def test_inplace_and_no_grad_fall_back_and_unpack_restores_classes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    keys = list(model.state_dict())
+    assert pack_region(model) == ["1", "2", "3"]
+    assert list(model.state_dict()) == keys and isinstance(model[1], nn.BatchNorm2d)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    y = model(x)  # input needs no grad: nothing saved, plain forward
+    assert y.grad_fn is not None  # the conv's weight needs grad
+    assert unpack_region(model) == ["1", "2", "3"]
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+
+
+def _mcunet_like(num_classes: int = 10) -> nn.Module:
+    """A tiny MCUNet-like inverted-residual block: 1x1 expand, 3x3 depthwise, 1x1 project, BN, ReLU6."""
+    def cbr(c_in, c_out, k, groups=1, act=True):
+        layers = [nn.Conv2d(c_in, c_out, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+        return layers + ([nn.ReLU6()] if act else [])
+    return nn.Sequential(*cbr(3, 8, 3), nn.MaxPool2d(2), *cbr(8, 24, 1), *cbr(24, 24, 3, groups=24),
+                         *cbr(24, 8, 1, act=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+                         nn.Linear(8, num_classes))
+
+
+def _small_cnn():
+    from engine.models.small_cnn import SmallCNN
+
+    return SmallCNN(num_classes=10)
+
+
+def _trajectory(build, method, pack, steps=5, last_k=3):
+    torch.manual_seed(0)
+    model = build()
+    with torch.no_grad():  # non-trivial frozen BN statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    data = torch.Generator().manual_seed(1)
+    xs = [torch.randn(16, 3, 16, 16, generator=data) for _ in range(steps)]
+    ys = [torch.randint(0, 10, (16,), generator=data) for _ in range(steps)]
+    handle = engine.compress_model(model, method, last_k=last_k, pack=pack)
+    opt = torch.optim.SGD(handle.trainable_parameters(), lr=0.1, momentum=0.9)
+    losses, region = [], []
+    torch.manual_seed(2)  # dropout masks
+    for x, y in zip(xs, ys):
+        with SavedBytesMeter(model) as meter:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        region.append(meter.region_activation_bytes)
+    return losses, region, handle
+
+
+@pytest.mark.parametrize("build", [_small_cnn, _mcunet_like], ids=["small-cnn", "mcunet-like"])
+@pytest.mark.parametrize("method", ["vanilla", "asi"])
+def test_same_seed_same_loss_trajectory_with_and_without_packing(build, method):
+    plain, plain_bytes, plain_handle = _trajectory(build, method, pack=False)
+    packed, packed_bytes, handle = _trajectory(build, method, pack=True)
+    assert handle.packed and not plain_handle.packed
+    assert max(abs(a - b) for a, b in zip(plain, packed)) < 1e-6
+    assert plain[0] != plain[-1]  # it trains
+    assert packed_bytes[0] < plain_bytes[0]
+
+
+def test_restore_model_switches_packing_off():
+    model = _mcunet_like()
+    engine.compress_model(model, "vanilla", last_k=2)
+    assert type(model[1]) is PACKED_CLASSES[nn.BatchNorm2d]
+    engine.restore_model(model)
+    assert not engine.packing.is_packed(model)
+
+
+# ---------------------------------------------------------------------------- the meter keeps no graph alive
+class _SideGraph(nn.Module):
+    """Forward builds a side graph (saves a 1000-float tensor), drops it, then returns relu(x · 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = None
+
+    def forward(self, x):
+        side = torch.sigmoid(x.repeat(10, 1)).exp()  # sigmoid and exp each save their output: 2 × 1000 floats
+        self.side = weakref.ref(side)
+        del side
+        return torch.relu(x * 2)  # mul saves nothing (scalar), relu saves its output: 100 floats
+
+
+def test_meter_does_not_keep_a_dropped_side_graph_alive():
+    x = torch.randn(1, 100, requires_grad=True)
+    module = _SideGraph()
+    was_enabled = gc.isenabled()
+    gc.disable()  # freed by reference counting alone, not by the cycle collector
+    try:
+        with SavedBytesMeter(module) as meter:
+            y = module(x)
+            assert module.side() is None  # the dropped graph is freed at once
+            assert meter.live_region_bytes == 100 * 4
+        y.sum().backward()
+    finally:
+        if was_enabled:
+            gc.enable()
+    # the side graph was live (2 × 4000 B) before the main graph saved anything: that is the peak
+    assert meter.region_activation_bytes == 2 * 1000 * 4
+    assert meter.live_region_bytes == 0  # backward released everything
+    assert meter.tensor_count == 3
+
+
+def test_meter_counts_a_shared_storage_once_and_lists_saved_tensors_by_op():
+    model = nn.Sequential(nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 5))
+    x = torch.randn(8, 50)
+    with SavedBytesMeter(model) as meter:
+        out = model(x)
+    rows = {r["op"]: r for r in meter.saved_by_op(out)}
+    # the input (for the first weight's gradient) and relu's output, which ReluBackward0 and the second
+    # linear both save: one storage, counted once
+    assert meter.region_activation_bytes == 2 * 8 * 50 * 4
+    assert sum(r["bytes"] for r in rows.values()) == 2 * 8 * 50 * 4
+    assert set(rows) <= {"ReluBackward0", "AddmmBackward0"}
+    pack_region(model)
+    with SavedBytesMeter(model) as packed:
+        out = model(x)
+    rows = {r["op"]: r for r in packed.saved_by_op(out)}
+    assert rows["_MaskedGradBackward"]["bytes"] == 8 * 50 // 8
+    assert rows["_MaskedGradBackward"]["dtypes"] == ["uint8"]
+    assert packed.region_activation_bytes == 2 * 8 * 50 * 4 + 8 * 50 // 8
