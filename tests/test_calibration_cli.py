@@ -51,32 +51,36 @@ def test_calibrate_writes_a_calibration(calibration_file, capsys):
 
 
 def test_ranks_prints_and_writes_json(calibration_file, tmp_path, capsys):
+    """At the calibration's own batch size (16) the plan's per-ε bytes are the calibration's."""
     data = json.loads(calibration_file.read_text())
     tuned = [layer for layer in data["layers"] if layer["finetuned"]]
     least = sum(min(layer["bytes"]) for layer in tuned)
-    out = tmp_path / "choice.json"
+    out = tmp_path / "plan.json"
     budget = f"{(least + 2000) / 1e6}MB"
-    assert main(["ranks", "--calibration", str(calibration_file), "--budget", budget, "--json", str(out)]) == 0
-    choice = json.loads(out.read_text())
-    assert choice["budget_bytes"] == least + 2000
-    assert choice["total_bytes"] <= choice["budget_bytes"]
-    assert [c["name"] for c in choice["layers"]] == [layer["name"] for layer in tuned]
-    for c, layer in zip(choice["layers"], tuned):
+    assert main(["ranks", "--calibration", str(calibration_file), "--budget", budget, "--batch-size", "16",
+                 "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["budget_bytes"] == least + 2000 and plan["batch_size"] == 16
+    assert plan["plan_total_bytes"] <= plan["budget_bytes"]
+    assert [c["name"] for c in plan["per_layer"]] == [layer["name"] for layer in tuned]
+    for c, layer in zip(plan["per_layer"], tuned):
         j = data["eps_grid"].index(c["eps"])
-        assert c["ranks"] == layer["ranks"][j] and c["bytes"] == layer["bytes"][j]
+        assert c["ranks"]["asi"] == c["ranks"]["lance"] == layer["ranks"][j]
+        assert c["bytes"]["asi"] == layer["bytes"][j]
         assert c["perplexity"] == pytest.approx(layer["perplexity"][j])
-    assert choice["total_bytes"] == sum(c["bytes"] for c in choice["layers"])
+    assert plan["plan_total_bytes"] == sum(c["bytes"]["asi"] for c in plan["per_layer"])
     printed = capsys.readouterr().out
-    assert "total" in printed and str(choice["total_bytes"]) in printed
+    assert "total" in printed and str(plan["plan_total_bytes"]) in printed
 
 
 def test_ranks_infeasible_budget_exits_2_with_the_least_total(calibration_file, capsys):
     data = json.loads(calibration_file.read_text())
     least = sum(min(layer["bytes"]) for layer in data["layers"] if layer["finetuned"])
-    assert main(["ranks", "--calibration", str(calibration_file), "--budget", str(least - 1)]) == 2
+    args = ["ranks", "--calibration", str(calibration_file), "--batch-size", "16", "--budget"]
+    assert main([*args, str(least - 1)]) == 2
     err = capsys.readouterr().err
-    assert f"least total that fits is {least} bytes" in err
-    assert main(["ranks", "--calibration", str(calibration_file), "--budget", str(least)]) == 0
+    assert f"least total that fits is {least} bytes" in err and "training batches of 16" in err
+    assert main([*args, str(least)]) == 0
 
 
 def test_ranks_exit_status_in_a_real_process(calibration_file):

@@ -83,6 +83,13 @@ def test_per_method_values():
 def test_ranks_file_formats(tmp_path):
     a = tmp_path / "a.json"
     a.write_text(json.dumps({"layers": [{"name": "fc", "ranks": [4, 8]}], "total_bytes": 1}))
+    with pytest.raises(ConfigError, match="older `lance ranks`"):  # a choice made for the calibration's batch
+        load_ranks_file(a)
+    plan = {"format": "lance-plan", "version": 1, "backbone": "small-cnn", "dataset": "digits", "layers": ["fc"],
+            "batch_size": 8, "plan_total_bytes": 1, "per_layer": [
+                {"name": "fc", "eps": 0.5, "input_shape": [8, 16], "ranks": {"asi": [4, 8], "lance": [4, 8]},
+                 "bytes": {"asi": 1, "lance": 1}, "full_bytes": 512}]}
+    a.write_text(json.dumps(plan))
     assert load_ranks_file(a) == {"fc": (4, 8)}
     b = tmp_path / "b.json"
     b.write_text(json.dumps({"conv": [1, 2, 3, 4]}))
@@ -162,10 +169,10 @@ def test_budget_sets_asi_ranks_and_bytes_stay_within_it():
     result = run_finetune(tiny(methods=["asi"], budget={"asi": "12kB"}, batch_size=32), store=store)[0]
     assert result.status == "completed"
     info = store.get_run(result.run_id)["config"]["method_info"]
-    assert info["budget_bytes"] == 12_000 and info["budget_total_bytes"] <= 12_000
+    assert info["budget_bytes"] == 12_000 and info["plan_total_bytes"] <= 12_000
     full_batch_bytes = [r["value"] for r in store.metrics(result.run_id, key="layer_activation_bytes")]
     assert max(full_batch_bytes) <= 12_000
-    assert max(full_batch_bytes) == info["budget_total_bytes"]
+    assert max(full_batch_bytes) == info["plan_total_bytes"]
 
 
 def test_infeasible_budget_says_the_least_that_fits(capsys):

@@ -2,8 +2,10 @@
 
 - ``lance calibrate --backbone B --dataset D [--layers K] [--eps LIST] [--batches N] --out FILE.json``:
   energy spectra of every compressible layer, perplexity curves and bytes of the last K (fine-tuned).
-- ``lance ranks --calibration FILE.json --budget X [--json OUT]``: the exact rank choice under a budget;
-  exit status 2 with the least feasible total when the budget is too small.
+- ``lance ranks --calibration FILE.json --budget X [--batch-size B] [--json PLAN.json]``: the exact rank
+  choice under a budget for training batches of B (default: the fine-tune default, 128), written as a plan
+  that ``lance finetune --ranks PLAN.json`` trains (engine.calibration.plan); exit status 2 with the least
+  feasible total when the budget is too small.
 - ``lance bench-calibration solver|calibrate``: timings as JSON (solver 64 layers × 12 ε; calibration).
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+DEFAULT_TRAIN_BATCH_SIZE = 128  # FinetuneConfig.batch_size, the fine-tune default (tested equal)
 
 
 def register(subparsers) -> None:
@@ -47,13 +51,18 @@ def register(subparsers) -> None:
         "ranks",
         help="exact rank choice (one ε per fine-tuned layer) under a memory budget",
         description="Pick one ε per fine-tuned layer of a calibration minimising the summed gradient error with "
-                    "the stored bytes within the budget (exact multiple-choice knapsack, bytes rounded up). "
+                    "the bytes stored for backward at the training batch size within the budget (exact "
+                    "multiple-choice knapsack, bytes rounded up). The result is a plan for ASI and LANCE: "
+                    "`lance finetune --ranks PLAN.json` trains exactly it. "
                     "Budgets: 300000 (bytes), 0.5MB (MB = 10^6 bytes), 512KiB (KiB = 2^10 bytes). "
                     "Exit status 2 when the budget is below the least total that fits.",
     )
     r.add_argument("--calibration", required=True, help="a JSON file written by `lance calibrate --out`")
     r.add_argument("--budget", required=True, help="e.g. 0.5MB, 512KiB or 300000")
-    r.add_argument("--json", default=None, help="also write the choice as JSON to this file ('-' for stdout)")
+    r.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH_SIZE,
+                   help=f"training batch size the plan is for (bytes are for it; default {DEFAULT_TRAIN_BATCH_SIZE}, "
+                        "the fine-tune default)")
+    r.add_argument("--json", default=None, help="also write the plan as JSON to this file ('-' for stdout)")
     r.set_defaults(func=run_ranks)
 
     b = subparsers.add_parser("bench-calibration", help="time the rank solver or a calibration; prints JSON")
@@ -162,33 +171,41 @@ def run_calibrate(args) -> int:
 
 
 def run_ranks(args) -> int:
-    from engine.calibration import BudgetError, CalibrationResult, InfeasibleBudget, format_bytes, select_ranks
+    from engine.calibration import BudgetError, CalibrationResult, InfeasibleBudget, format_bytes
+    from engine.calibration.plan import solve_plan
 
+    if args.batch_size is None or args.batch_size < 1:
+        return _fail("ranks", f"--batch-size must be a whole number >= 1, got {args.batch_size}")
     try:
         calibration = CalibrationResult.load(args.calibration)
-        selection = select_ranks(calibration, args.budget)
+        plan = solve_plan(calibration, args.budget, args.batch_size, source="lance ranks",
+                          calibration_path=args.calibration)
     except InfeasibleBudget as exc:
         if args.json:
             _write_json(args.json, {"error": str(exc), "budget_bytes": exc.budget,
-                                    "min_total_bytes": exc.min_total_cost})
-        return _fail("ranks", str(exc))
+                                    "min_total_bytes": exc.min_total_cost, "batch_size": args.batch_size})
+        return _fail("ranks", f"{exc} (for training batches of {args.batch_size})")
     except (BudgetError, FileNotFoundError, ValueError) as exc:
         return _fail("ranks", str(exc))
-    data = selection.to_dict()
     if args.json != "-":
-        print(f"budget {format_bytes(selection.budget_bytes)} ({selection.budget_bytes} bytes), "
-              f"chosen total {selection.total_bytes} bytes, batch of {selection.batch_size}")
-        w = max([len("total")] + [len(c.name) for c in selection.layers]) + 2
+        print(f"budget {format_bytes(plan.budget_bytes)} ({plan.budget_bytes} bytes), plan total "
+              f"{plan.plan_total_bytes} bytes for training batches of {plan.batch_size} (calibrated on "
+              f"batches of {calibration.batch_size}); ASI and LANCE train these ranks")
+        w = max([len("total")] + [len(layer.name) for layer in plan.per_layer]) + 2
         print(f"{'layer':<{w}}{'ε':>6}{'ranks':>22}{'bytes':>12}{'perplexity':>13}{'relative':>10}")
-        for c in selection.layers:
-            rel = f"{c.relative_perplexity:.4f}" if c.relative_perplexity is not None else "-"
-            print(f"{c.name:<{w}}{c.eps:>6.2f}{str(tuple(c.ranks)):>22}{c.bytes:>12}"
-                  f"{c.perplexity:>13.4g}{rel:>10}")
-        print(f"{'total':<{w}}{'':>6}{'':>22}{selection.total_bytes:>12}{selection.total_perplexity:>13.4g}")
-        if selection.cost_unit_bytes > 1:
-            print(f"note: a hard instance; optimal for bytes rounded up to {selection.cost_unit_bytes}-byte units")
+        for layer in plan.per_layer:
+            rel = f"{layer.relative_perplexity:.4f}" if layer.relative_perplexity is not None else "-"
+            eps = f"{layer.eps:>6.2f}" if layer.eps is not None else f"{'-':>6}"
+            print(f"{layer.name:<{w}}{eps}{str(tuple(layer.ranks['asi'])):>22}{layer.bytes['asi']:>12}"
+                  f"{layer.perplexity:>13.4g}{rel:>10}")
+        total_perplexity = sum(layer.perplexity or 0.0 for layer in plan.per_layer)
+        print(f"{'total':<{w}}{'':>6}{'':>22}{plan.plan_total_bytes:>12}{total_perplexity:>13.4g}")
+        if plan.cost_unit_bytes > 1:
+            print(f"note: a hard instance; optimal for bytes rounded up to {plan.cost_unit_bytes}-byte units")
     if args.json:
-        _write_json(args.json, data)
+        _write_json(args.json, plan.to_dict())
+        if args.json != "-":
+            print(f"wrote {args.json}: `lance finetune --ranks {args.json} --batch-size {plan.batch_size} …` trains it")
     return 0
 
 

@@ -26,10 +26,16 @@ def register(subparsers) -> None:
     p.add_argument("--method", default="vanilla", help=METHODS_HELP)
     p.add_argument("--layers", type=int, default=4, help="train the last K compressible layers (default 4)")
     p.add_argument("--budget", default=None,
-                   help="activation memory budget for ASI (or LANCE) ranks, e.g. 0.5MB, 512KiB, 300000")
+                   help="activation memory budget of the trained layers for ASI and LANCE, e.g. 0.5MB, 512KiB, "
+                        "300000: solved at --batch-size on --calibration CALIB.json, or on one calibration with "
+                        "`lance calibrate`'s defaults; asi=X,lance=Y sets each")
+    p.add_argument("--calibration", default=None, metavar="CALIB.json",
+                   help="with --budget: the `lance calibrate --out` file to solve the budget on")
     p.add_argument("--eps", default=None, help="energy threshold in (0, 1] for hosvd (0.8) and lance (0.7)")
-    p.add_argument("--ranks", default=None, help="JSON file of fixed ranks per layer for asi/lance "
-                                                   "(`lance ranks --json` output or {layer: [ranks]})")
+    p.add_argument("--ranks", default=None, metavar="PLAN.json",
+                   help="train this plan's ranks with asi and lance (`lance ranks --json PLAN.json` output; "
+                        "refused unless its backbone, layers and batch size match the run), or a plain "
+                        "{layer: [ranks]} file")
     p.add_argument("--patch", type=int, default=2, help="gradient filter patch size R (default 2)")
     p.add_argument("--calibration-batches", type=int, default=100, help="LANCE calibration batches N (default 100)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 10; with --resume: the stored number)")
@@ -93,6 +99,7 @@ def config_from_args(args):
         eps=per_method(args.eps, methods, EPS_METHODS, "--eps"),
         budget=per_method(args.budget, methods, BUDGET_METHODS, "--budget"),
         ranks=per_method(args.ranks, methods, RANKS_METHODS, "--ranks"),
+        calibration=args.calibration,
         patch=args.patch, calibration_batches=args.calibration_batches,
         epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,

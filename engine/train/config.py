@@ -5,7 +5,9 @@ cosine schedule over the epochs (stepped per epoch), gradient clipping at norm 2
 BatchNorm in eval mode, the last k compressible layers (the head included) trained.
 
 Per-method settings (``--eps``, ``--budget``, ``--ranks``) are either one value for every method that
-takes it, or ``method=value`` pairs separated by commas: ``--eps hosvd=0.8,lance=0.7``.
+takes it, or ``method=value`` pairs separated by commas: ``--eps hosvd=0.8,lance=0.7``. ``--budget`` and
+``--ranks`` give ASI and LANCE a plan (engine.calibration.plan; resolved by engine.train.budget);
+``--calibration CALIB.json`` names the calibration a ``--budget`` is solved on.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ class FinetuneConfig:
     layers: int = 4                       # last k compressible layers trained (head included)
     eps: dict[str, float] = field(default_factory=dict)        # method -> energy threshold
     budget: dict[str, str] = field(default_factory=dict)       # method -> budget string ("0.5MB")
-    ranks: dict[str, str] = field(default_factory=dict)        # method -> ranks JSON file
+    ranks: dict[str, str] = field(default_factory=dict)        # method -> plan (or ranks mapping) JSON file
+    calibration: str | None = None        # --budget: solve on this `lance calibrate` file (None: calibrate once)
     patch: int = 2                        # gradient filter patch size R
     calibration_batches: int = 100        # LANCE: N calibration batches (paper: 100)
     epochs: int = 10
@@ -75,19 +78,16 @@ class FinetuneConfig:
             out["patch"] = self.patch
         if method in ("hosvd",):
             out["eps"] = self.eps_for(method)
-        if method == "lance":
+        if method in ("asi", "lance"):
             if method in self.ranks:
                 out["ranks_file"] = self.ranks[method]
             elif method in self.budget:
                 out["budget"] = self.budget[method]
-            else:
+                out["calibration_file"] = self.calibration
+            elif method == "lance":
                 out["eps"] = self.eps_for(method)
+        if method == "lance":
             out["calibration_batches"] = self.calibration_batches
-        if method == "asi":
-            if method in self.ranks:
-                out["ranks_file"] = self.ranks[method]
-            elif method in self.budget:
-                out["budget"] = self.budget[method]
         return out
 
 
@@ -195,6 +195,16 @@ def validate(config: FinetuneConfig, *, check_data: bool = True) -> FinetuneConf
         load_ranks_file(config.ranks[method])
     if "lance" in config.budget and "lance" in config.eps:
         raise ConfigError("give either --budget or --eps for lance, not both")
+    if "lance" in config.ranks and "lance" in config.eps:
+        raise ConfigError("give either --ranks or --eps for lance, not both")
+    if config.calibration is not None:
+        if not config.budget:
+            raise ConfigError("--calibration names the calibration a --budget is solved on; give --budget too "
+                              "(or use --ranks PLAN.json for a plan made by `lance ranks`)")
+        if not Path(config.calibration).expanduser().is_file():
+            raise ConfigError(f"--calibration file {config.calibration} does not exist; make it with "
+                              f"`lance calibrate --backbone {config.backbone} --dataset {config.dataset} "
+                              f"--layers {config.layers} --out {config.calibration}`")
 
     if config.device not in ("cpu", "cuda") and not str(config.device).startswith("cuda:"):
         raise ConfigError(f"--device must be cpu or cuda, got {config.device!r}")
@@ -242,8 +252,9 @@ def _validate_dataset(config: FinetuneConfig) -> None:
 
 
 def load_ranks_file(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Read fixed ranks: ``lance ranks --json`` output (``{"layers": [{"name", "ranks"}]}``) or a
-    plain ``{layer_name: [r1, r2, ...]}`` mapping. Layer names are those of the full model."""
+    """Read fixed ranks: a plan (``lance ranks --json`` output, ``"format": "lance-plan"``: the ranks of
+    its first method; engine.train.budget reads plans fully) or a plain ``{layer_name: [r1, r2, ...]}``
+    mapping. Layer names are those of the full model."""
     p = Path(path).expanduser()
     try:
         data = json.loads(p.read_text())
@@ -251,9 +262,19 @@ def load_ranks_file(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise ConfigError(f"--ranks file {p} does not exist; make one with `lance ranks --json FILE`") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--ranks file {p} is not readable JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("format") == "lance-plan":
+        from engine.calibration.plan import Plan, PlanError
+
+        try:
+            plan = Plan.from_dict(data)
+        except PlanError as exc:
+            raise ConfigError(f"--ranks file {p}: {exc}") from None
+        return plan.ranks_for(plan.methods[0])
     if isinstance(data, dict) and isinstance(data.get("layers"), list):
-        items = [(entry.get("name"), entry.get("ranks")) for entry in data["layers"]]
-    elif isinstance(data, dict):
+        raise ConfigError(f"--ranks file {p} is a rank choice from an older `lance ranks` (made for the "
+                          "calibration's batch size, not the training one); make a plan with "
+                          "`lance ranks --calibration CALIB.json --budget X --batch-size B --json PLAN.json`")
+    if isinstance(data, dict):
         items = list(data.items())
     else:
         raise ConfigError(f"--ranks file {p}: expected an object, got {type(data).__name__}")

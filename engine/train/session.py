@@ -22,9 +22,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from engine.train.budget import resolve_plans
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
-from engine.train.config import ConfigError, FinetuneConfig, load_ranks_file, validate
-from engine.train.data import CALIBRATION_EPOCH, DatasetBatches, frozen_features, seeded_subset
+from engine.train.config import ConfigError, FinetuneConfig, validate
+from engine.train.data import (
+    CALIBRATION_EPOCH,
+    DatasetBatches,
+    frozen_features,
+    seeded_subset,
+)
 from engine.train.events import RunEnded, emit_all
 from engine.train.faults import TrainingDiverged, interrupt_on_sigterm
 from engine.train.loop import LoopState, fit
@@ -195,38 +201,23 @@ class Trainable:
     method_info: dict[str, Any]
 
 
-def _method_options(bench: Workbench, method: str, wrapper: SuffixModel) -> tuple[dict, dict]:
-    """(options for compress_model, info to store: ranks chosen, budget, eps)."""
+def _method_options(bench: Workbench, method: str, plans: dict | None = None) -> tuple[dict, dict]:
+    """(options for compress_model, info to store: the plan's ranks and source, or eps / patch)."""
     config = bench.config
-    info: dict[str, Any] = {}
     if method == "vanilla":
-        return {}, info
+        return {}, {}
     if method == "gradient_filter":
         return {"patch": config.patch}, {"patch": config.patch}
     if method == "hosvd":
         eps = config.eps_for("hosvd")
         return {"eps": eps}, {"eps": eps}
-    ranks = None
-    if method in config.ranks:
-        table = load_ranks_file(config.ranks[method])
-        missing = [n for n in bench.layer_names if n not in table]
-        if missing:
-            raise ConfigError(f"--ranks file {config.ranks[method]} has no ranks for {', '.join(missing)}; "
-                              f"it must list every trained layer: {', '.join(bench.layer_names)}")
-        ranks = {WRAP + n: tuple(table[n]) for n in bench.layer_names}
-        info["ranks_file"] = config.ranks[method]
-    elif method in config.budget:
-        from engine.train.budget import ranks_for_budget
-
-        ranks, budget_info = ranks_for_budget(bench, wrapper, config.budget[method])
-        info.update(budget_info)
+    planned = (plans or {}).get(method)
+    if planned is not None:  # ASI or LANCE with --ranks / --budget: exactly the plan's ranks
+        return {"ranks": {WRAP + n: tuple(r) for n, r in planned.ranks.items()}}, dict(planned.info)
     if method == "asi":
-        return {"ranks": ranks}, info
-    if ranks is not None:
-        return {"ranks": ranks}, info
+        return {"ranks": None}, {}
     eps = config.eps_for("lance")
-    info["eps"] = eps
-    return {"eps": eps}, info
+    return {"eps": eps}, {"eps": eps}
 
 
 def calibration_batches(bench: Workbench, device: str) -> list:
@@ -234,15 +225,16 @@ def calibration_batches(bench: Workbench, device: str) -> list:
     return [(x.to(device), y.to(device)) for x, y in itertools.islice(bench.train(CALIBRATION_EPOCH), n)]
 
 
-def build_trainable(bench: Workbench, method: str) -> Trainable:
-    """A fresh copy of the pristine model, cut at ``bench.cut`` and compressed with ``method``."""
+def build_trainable(bench: Workbench, method: str, plans: dict | None = None) -> Trainable:
+    """A fresh copy of the pristine model, cut at ``bench.cut`` and compressed with ``method``
+    (ASI/LANCE at the ranks of ``plans[method]`` when given: engine.train.budget.resolve_plans)."""
     import engine
 
     config = bench.config
     torch.manual_seed(config.seed)
     model = copy.deepcopy(bench.model).to(config.device)
     wrapper = SuffixModel(model, bench.cut)
-    options, info = _method_options(bench, method, wrapper)
+    options, info = _method_options(bench, method, plans)
     kwargs: dict[str, Any] = {}
     if method == "lance":
         batches = calibration_batches(bench, config.device)
@@ -424,9 +416,9 @@ def _finish(store, run_id: str, sinks: list, status: str, message: str | None,
 
 
 def _train_method(bench: Workbench, method: str, run_id: str, store, sinks: list,
-                  resume: bool = False) -> RunResult:
+                  resume: bool = False, plans: dict | None = None) -> RunResult:
     config = bench.config
-    trainable = build_trainable(bench, method)
+    trainable = build_trainable(bench, method, plans)
     store.update_config(run_id, {"method_info": _jsonable(trainable.method_info)})
     optimizer = torch.optim.SGD(trainable.params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -463,7 +455,16 @@ def _train_method(bench: Workbench, method: str, run_id: str, store, sinks: list
         sinks=sinks, method=method, val_batches=bench.val, scheduler=scheduler, grad_clip=config.grad_clip,
         probe=EngineProbe(trainable), train_mode=train_mode, on_epoch_end=on_epoch_end, state=state,
         device=config.device, config=config.method_config(method))
-    return _finish(store, run_id, sinks, "completed", None, {"method_info": _jsonable(trainable.method_info)})
+    return _finish(store, run_id, sinks, "completed", None, _plan_summary(trainable.method_info))
+
+
+def _plan_summary(info: dict) -> dict:
+    """The run summary's extra keys: ``method_info`` and, for a planned run, ``plan_total_bytes``."""
+    out: dict[str, Any] = {"method_info": _jsonable(info)}
+    for key in ("plan_total_bytes", "plan_source", "budget_bytes"):
+        if info.get(key) is not None:
+            out[key] = info[key]
+    return out
 
 
 def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, job_id: str | None = None,
@@ -473,22 +474,28 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
 
     Statuses: completed; failed (diverged loss, an error: the message says why); interrupted
     (Ctrl-C / SIGTERM: every metric so far is kept, the remaining methods do not start).
-    Raises ConfigError for bad arguments found before any run is created; one found during a run's
-    setup (an infeasible budget, a ranks file for other layers) fails that run (``bad_argument``).
+    Raises ConfigError for bad arguments found before any run is created (among them a plan that does
+    not match the run and an infeasible budget: ``engine.train.budget.resolve_plans``); one found only
+    during a run's setup fails that run (``bad_argument``).
     """
     from engine.store import RunStore
 
     validate(config)
-    if bench is None:
-        load_backbone(config)  # weights present, --layers possible: fail before any run exists
     store = store or RunStore()
+    if bench is None:  # weights present, --layers possible: fail before any run exists
+        _, backbone, layer_names = load_backbone(config)
+        resolution = _resolution(config) or backbone.resolution
+    else:
+        layer_names, resolution = bench.layer_names, bench.resolution
+    # plans (--ranks / --budget): a mismatched plan or an infeasible budget creates no run
+    plans = resolve_plans(config, layer_names, resolution, log)
     extra_sinks = list(sinks or [])
     results: list[RunResult] = []
     if resume_run is not None:
-        plan = [(config.methods[0], resume_run)]
+        order = [(config.methods[0], resume_run)]
     else:
-        plan = [(m, None) for m in config.methods]
-    for method, existing in plan:
+        order = [(m, None) for m in config.methods]
+    for method, existing in order:
         if existing is None:
             run_id = store.create_run(kind="finetune", method=method, config=_frozen_config(config, method),
                                       job_id=job_id)
@@ -504,7 +511,10 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
                 if bench is None:
                     bench = prepare(config, log)
                 store.update_config(run_id, bench.describe())
-                results.append(_train_method(bench, method, run_id, store, run_sinks, resume=existing is not None))
+                if method in plans and plans[method].plan is not None:
+                    plans[method].plan.save(store.run_dir(run_id) / "plan.json")
+                results.append(_train_method(bench, method, run_id, store, run_sinks, resume=existing is not None,
+                                             plans=plans))
         except TrainingDiverged as exc:
             results.append(_finish(store, run_id, run_sinks, "failed", str(exc)))
         except KeyboardInterrupt as exc:
