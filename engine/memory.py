@@ -75,7 +75,7 @@ class SavedBytesMeter:
             for module in model.modules():
                 for p in module.parameters(recurse=False):
                     self._excluded.add(_storage_key(p))
-                if isinstance(module, CompressedLayer):
+                if isinstance(module, CompressedLayer) or getattr(module, "saves_buffers_for_backward", False):
                     continue  # its buffers are method state that backward needs: they count
                 for b in module.buffers(recurse=False):
                     self._excluded.add(_storage_key(b))

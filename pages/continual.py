@@ -115,8 +115,12 @@ def live_view() -> None:
             c1.plotly_chart(figures.accuracy_matrix_figure(figures.accuracy_matrix(df)),
                             key=f"cl_matrix_{run['id']}")
             c2.plotly_chart(figures.usage_figure(df), key=f"cl_usage_{run['id']}")
-            peak = figures.latest_value(df, "peak_layer_activation_bytes", split="task")
-            st.caption(f"peak measured activation bytes: {figures.format_bytes(peak)}")
+            # the run's peak: the maximum over every task so far (not the last task's own peak)
+            peaks = [] if df is None or df.empty else df[(df["key"] == "peak_layer_activation_bytes")
+                                                         & (df["split"] == "task")]["value"].dropna()
+            peak = float(max(peaks)) if len(peaks) else None
+            st.caption("peak measured layer activation bytes (maximum over the tasks so far): "
+                       + ("–" if peak is None else figures.format_bytes(peak)))
     if alive and not now_alive:
         st.rerun()
 

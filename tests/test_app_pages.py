@@ -233,13 +233,18 @@ def test_continual_page_draws_matrix_tiles_and_usage():
         rows += [{"split": "task", "task": i, "key": "usage/conv1", "value": 0.2 * (i + 1)},
                  {"split": "task", "task": i, "key": "ACC", "value": sum(row) / len(row)},
                  {"split": "task", "task": i, "key": "BWT", "value": 0.0 if i == 0 else -5.0},
-                 {"split": "task", "task": i, "key": "forgetting", "value": 0.0 if i == 0 else 5.0}]
+                 {"split": "task", "task": i, "key": "forgetting", "value": 0.0 if i == 0 else 5.0},
+                 # the per-task peak falls as tasks finish: the run's peak is the first task's
+                 {"split": "task", "task": i, "key": "peak_layer_activation_bytes",
+                  "value": 62_669.0 if i == 0 else 47_309.0}]
     store.log_metrics(run, rows)
     at = _page("continual")
     at.query_params["job"] = "cl-job"
     at.run()
     no_exception(at)
     assert [m.value for m in at.metric] == ["91.50", "-5.00", "5.00"]
+    peak = [c.value for c in at.caption if "peak measured" in c.value]
+    assert len(peak) == 1 and peak[0].endswith("61.2 KiB"), peak
     figs = charts(at)
     z = figs["accuracy matrix R[i, j] (%)"]["data"][0]["z"]
     assert z == [[95.0, None], [90.0, 93.0]]

@@ -168,8 +168,8 @@ def test_lance_linear_gradient_3d_input_and_saved_size():
     xf = torch.randn(64, 10)
     with SavedBytesMeter(layer) as meter:
         layer(xf).sum()
-    # the core only: U_F is a buffer of the layer (model state, like the weight), not an activation
-    assert meter.layer_activation_bytes == 64 * 2 * 4
+    # the core and the factor backward reads (counted as fine-tune LANCE counts its factors)
+    assert meter.layer_activation_bytes == 64 * 2 * 4 + 10 * 2 * 4
     layer.storage = "full"
     with SavedBytesMeter(layer) as meter:
         layer(xf).sum()
@@ -325,7 +325,7 @@ def test_layer_stores_input_when_core_would_be_larger_and_restricts_gradient():
     x = torch.randn(5, 2, 6, 6)
     with SavedBytesMeter(layer) as meter:
         out = layer(x)
-    assert meter.layer_activation_bytes == 5 * 9 * 6 * 6 * 4  # the core (B, r, H', W')
+    assert meter.layer_activation_bytes == 5 * 9 * 6 * 6 * 4 + 18 * 9 * 4  # the core (B, r, H', W') + U_F
     layer.store_input_instead = True
     with SavedBytesMeter(layer) as meter:
         out = layer(x)
@@ -338,3 +338,29 @@ def test_layer_stores_input_when_core_would_be_larger_and_restricts_gradient():
     conv2(x).backward(g)
     expected = (conv2.weight.grad.reshape(4, -1) @ q @ q.T).reshape(conv.weight.shape)
     assert torch.allclose(conv.weight.grad, expected, atol=1e-5)
+
+
+def test_one_byte_definition_factors_count_in_continual_as_in_finetune():
+    """The same rank-r feature factor on the same input: fine-tune LANCE (engine.compress_model) and continual
+    LANCE (CLLinear) both count core + the factor backward reads as layer activation bytes."""
+    import engine
+
+    torch.manual_seed(0)
+    batch, features, rank = 32, 24, 3
+    x = torch.randn(batch, features)
+    lin = nn.Linear(features, 5)
+    model = nn.Sequential(lin)
+    handle = engine.compress_model(model, "lance", layers=["0"], options={"ranks": (batch, rank)},
+                                   calibration_loader=[(x, None)], calibration_batches=1)
+    with SavedBytesMeter(model) as meter:
+        model(x).sum()
+    finetune_bytes = meter.layer_activation_bytes
+    engine.restore_model(model)
+    layer = CLLinear.from_linear(nn.Linear(features, 5), name="fc")
+    layer.storage = "lance"
+    layer.set_factors(torch.linalg.qr(torch.randn(features, rank))[0])
+    with SavedBytesMeter(layer) as meter:
+        layer(x).sum()
+    expected = 4 * (batch * rank + features * rank)  # core (B, r) + factor (F, r), float32
+    assert finetune_bytes == meter.layer_activation_bytes == expected
+    assert handle is not None

@@ -44,6 +44,13 @@ def test_cli_writes_task_rows_and_json(tmp_path):
         for key in ("ACC", "BWT", "forgetting", "peak_layer_activation_bytes", "peak_region_activation_bytes",
                     "task_ms", "usage/features.conv2", *(f"acc/{j}" for j in range(t + 1))):
             assert (t, key) in keys, (t, key)
+    # "peak" is the run's maximum over every task, in the JSON summary and in the store's summary
+    for r in runs:
+        task_rows = store.metrics(r["run_id"], split="task")
+        for key in ("peak_layer_activation_bytes", "peak_region_activation_bytes"):
+            per_task = [row["value"] for row in task_rows if row["key"] == key]
+            assert len(per_task) == 5 and r[key] == max(per_task) == max(r["per_task_" + key])
+            assert store.get_run(r["run_id"])["summary"][key] == max(per_task)
     acc_rows = {row["task"]: row["value"] for row in rows if row["key"] == "ACC"}
     assert acc_rows[4] == pytest.approx(lance["acc"])
     assert (store.run_dir(lance["run_id"]) / "checkpoint.pt").is_file()

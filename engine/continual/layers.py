@@ -13,8 +13,9 @@ Each carries, as buffers (resized on ``load_state_dict``, so a checkpoint restor
 Storage modes (``layer.storage``):
 
 * ``"full"``: plain autograd (``F.conv2d`` / ``F.linear``) — the input ``A`` is saved (gpm, finetune).
-* ``"lance"``: forward exact; the saved tensor is the core ``S = patches(A) ×_F U_Fᵀ ×_H U_Hᵀ ×_W U_Wᵀ``
-  of shape ``(B, r, r_H, r_W)`` (linear: ``(N, r)``). The weight gradient is computed from ``S``
+* ``"lance"``: forward exact; the saved tensors are the core ``S = patches(A) ×_F U_Fᵀ ×_H U_Hᵀ ×_W U_Wᵀ``
+  of shape ``(B, r, r_H, r_W)`` (linear: ``(N, r)``) and the factors backward reads (counted as
+  activation bytes, like fine-tune LANCE's). The weight gradient is computed from ``S``
   without rebuilding ``A``: ``dW = (G ×_H U_Hᵀ ×_W U_Wᵀ : S) U_Fᵀ`` — every update lies in
   ``span(U_F)``, orthogonal to the protected basis. The input gradient is exact (needs ``W`` only).
 """
@@ -114,6 +115,10 @@ class _CLMixin:
 
     storage: str
     protected: bool
+    #: LANCE's factors ``u_feat``/``u_h``/``u_w`` are buffers that the compressed backward reads from what
+    #: autograd saved: ``SavedBytesMeter`` counts them as activation bytes, as it does fine-tune LANCE's
+    #: factors (one byte definition: docs/continual.md). The protected basis is never saved: not counted.
+    saves_buffers_for_backward = True
 
     def _init_cl(self, protected: bool, name: str = "") -> None:
         self.storage = "full"

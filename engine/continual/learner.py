@@ -295,7 +295,10 @@ class ContinualLearner:
             in_numel, (_, h_out, w_out) = grams.shapes[name]
             r_h = layer.u_h.shape[1] if layer.u_h.numel() else h_out
             r_w = layer.u_w.shape[1] if layer.u_w.numel() else w_out
-            layer.store_input_instead = layer.u_feat.shape[1] * r_h * r_w >= in_numel
+            # never worse than the input: core of a training batch + the factors it saves, against the input
+            factors = layer.u_feat.numel() + layer.u_h.numel() + layer.u_w.numel()
+            layer.store_input_instead = cfg.batch_size * layer.u_feat.shape[1] * r_h * r_w + factors >= \
+                cfg.batch_size * in_numel
         self._restore_bn(bn_state)
         self.model.train(was_training)
         return {n: self.layers[n].compressed_ranks() for n in grams.names()}
