@@ -16,7 +16,12 @@ Methods and their options: ``engine.METHODS`` / ``engine.method_options(name)``.
 Never imports Streamlit.
 """
 from engine.functional import (
-    default_asi_ranks, hosvd, hosvd_ranks, tucker_bytes, tucker_elements, tucker_weight_grad,
+    default_asi_ranks,
+    hosvd,
+    hosvd_ranks,
+    tucker_bytes,
+    tucker_elements,
+    tucker_weight_grad,
     tucker_weight_grad_at_ranks,
 )
 from engine.layers import CompressedLayer
@@ -24,14 +29,19 @@ from engine.memory import SavedBytesMeter
 from engine.methods import METHODS, make_method, method_options
 from engine.packing import pack_region, unpack_region
 from engine.surgery import (
-    CompressionHandle, compress_model, compressible_layers, resolve_layers, restore_model, set_train_mode,
+    CompressionHandle,
+    compress_model,
+    compressible_layers,
+    resolve_layers,
+    restore_model,
+    set_train_mode,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "CompressedLayer", "CompressionHandle", "SavedBytesMeter", "compress_model", "compressible_layers",
-    "default_asi_ranks", "hosvd", "hosvd_ranks", "make_method", "method_options", "pack_region", "resolve_layers", "restore_model",
-    "set_train_mode", "tucker_bytes", "tucker_elements", "tucker_weight_grad", "tucker_weight_grad_at_ranks",
-    "unpack_region",
+    "default_asi_ranks", "hosvd", "hosvd_ranks", "make_method", "method_options", "pack_region", "resolve_layers",
+    "restore_model", "set_train_mode", "tucker_bytes", "tucker_elements", "tucker_weight_grad",
+    "tucker_weight_grad_at_ranks", "unpack_region",
 ]

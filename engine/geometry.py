@@ -80,7 +80,8 @@ class ConvGeometry:
 
     def macs(self, batch: int, out_h: int, out_w: int) -> int:
         """Multiply-adds of one forward pass."""
-        return batch * self.out_channels * out_h * out_w * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+        per_output = (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+        return batch * self.out_channels * out_h * out_w * per_output
 
 
 def _pair(v) -> tuple[int, int]:

@@ -26,7 +26,7 @@ parameters, buffers, ``state_dict`` keys and ``isinstance`` checks are unchanged
 computed by the original op (bit for bit), and where a packed form does not apply (no grad needed,
 BatchNorm in training mode or with trained affine parameters, ``inplace=True``, ``return_indices``) the
 original forward runs. :func:`pack_region` / :func:`unpack_region` switch it on and off.
-"""
+"""  # noqa: E501 (a Markdown table)
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -10,8 +10,7 @@ import traceback
 
 import streamlit as st
 
-from lance_app.catalog import (DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_WEIGHTS, Unavailable,
-                               engine_attr)
+from lance_app.catalog import DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_WEIGHTS, Unavailable, engine_attr
 from lance_app.jobs import JobRunner, lance_home
 
 DEFAULT_CONFIG = {

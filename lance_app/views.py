@@ -30,7 +30,8 @@ def running_jobs_picker(kind: str, current: str | None) -> None:
         st.markdown(f"**{len(jobs)} {kind} job(s) running** (started in another tab or session)")
         for job in jobs[:5]:
             c1, c2 = st.columns([4, 1])
-            c1.write(f"`{job.job_id}` · {job.label} · started {time.strftime('%H:%M:%S', time.localtime(job.started_at))}")
+            started = time.strftime("%H:%M:%S", time.localtime(job.started_at))
+            c1.write(f"`{job.job_id}` · {job.label} · started {started}")
             if c2.button("Attach", key=f"attach_{kind}_{job.job_id}"):
                 attach_job(kind, job.job_id)
                 st.rerun()

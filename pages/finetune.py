@@ -60,7 +60,8 @@ if submitted:
         try:
             job = job_runner().start(KIND, args, label=f"{','.join(methods)} on {cfg['dataset']}",
                                      extra={"methods": methods, "epochs": int(epochs),
-                                            "steps_per_run": steps_per_run(int(limit_train), int(batch_size), int(epochs))})
+                                            "steps_per_run": steps_per_run(int(limit_train), int(batch_size),
+                                                                           int(epochs))})
             attach_job(KIND, job.job_id)
             st.session_state.pop(f"{KIND}_view", None)
         except Exception as exc:

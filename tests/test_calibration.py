@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED, needs_cifar10_jpeg, needs_mcunet_weights
 from torch import nn
 
 from engine.calibration import (
@@ -22,10 +23,10 @@ from engine.calibration import (
 )
 from engine.calibration.perplexity import CapturedLayer, capture_layer_gradients, gradient_errors
 from engine.calibration.spectra import hosvd_singular_values, rank_for_energy
-from conftest import SHARED, needs_cifar10_jpeg, needs_mcunet_weights
 
 tl = pytest.importorskip("tensorly")
 from tensorly.decomposition import tucker  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _one_thread(_torch_threads):

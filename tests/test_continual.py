@@ -1,7 +1,6 @@
 """Continual learning: metrics, bases, LANCE's compressed gradient, protection of old tasks, runs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -14,7 +13,6 @@ from engine.continual.layers import CLConv2d, CLLinear
 from engine.continual.learner import ContinualConfig, ContinualLearner
 from engine.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
 from engine.continual.runner import Task, run_sequence
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,6 @@ from engine.data.continual import task_splits
 from engine.data.feature_cache import FeatureDataset, cache_model_features, cached_features, feature_key
 from engine.models import build_backbone, split_at_stage
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

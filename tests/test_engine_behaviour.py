@@ -192,7 +192,7 @@ def test_bad_choices_are_refused_with_reasons():
         engine.compress_model(model, "asi", last_k=1, options={"eps": 0.5})
     with pytest.raises(ValueError, match=r"eps must be in \(0, 1\]"):
         engine.compress_model(model, "hosvd", last_k=1, options={"eps": 1.5})
-    handle = engine.compress_model(model, "asi", layers=["0"], options={"ranks": (2, 2)})
+    engine.compress_model(model, "asi", layers=["0"], options={"ranks": (2, 2)})
     with pytest.raises(ValueError, match="one rank per mode"):
         model(torch.randn(2, 3, 5, 5))
     engine.restore_model(model)

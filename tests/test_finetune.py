@@ -15,8 +15,8 @@ from engine.cli import main
 from engine.store import RunStore
 from engine.train.config import ConfigError, FinetuneConfig, load_ranks_file, per_method, validate
 from engine.train.events import StepEnded
-from engine.train.sinks import RecordingSink
 from engine.train.session import run_finetune
+from engine.train.sinks import RecordingSink
 
 TINY = dict(backbone="small-cnn", dataset="digits", layers=2, epochs=1, batch_size=32, limit_train=96,
             limit_val=64, seed=3)
@@ -239,6 +239,7 @@ def test_evaluate_matches_the_runs_own_validation_accuracy(tmp_path, capsys):
 
 def test_evaluate_on_an_image_folder_with_the_same_classes(tmp_path, capsys):
     from PIL import Image
+
     from engine.data import get_dataset
 
     store = RunStore()

@@ -7,8 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from engine.models import (WeightsMissing, available_backbones, build_backbone, build_multihead, first_trainable_stage,
-                           head_features, split_at_stage, stage_of_layer)
+from engine.models import (
+    WeightsMissing,
+    available_backbones,
+    build_backbone,
+    build_multihead,
+    first_trainable_stage,
+    head_features,
+    split_at_stage,
+    stage_of_layer,
+)
 from engine.models.mcunet_configs import BUILTIN_CONFIGS
 
 

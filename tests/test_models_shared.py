@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR10_JPEG, MCUNET_IN3_DIR, needs_cifar10_jpeg, needs_mcunet_weights
 from torch import nn
 
-from conftest import CIFAR10_JPEG, MCUNET_IN3_DIR, needs_cifar10_jpeg, needs_mcunet_weights
 from engine.data import get_dataset
 from engine.data.feature_cache import cache_model_features, feature_key
 from engine.models import build_backbone, split_at_stage, stage_of_layer

@@ -114,7 +114,8 @@ def test_dropout_draws_the_same_mask_and_keeps_it_as_bits(p):
 
 
 @pytest.mark.parametrize("kwargs", [{"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1},
-                                    {"kernel_size": 3, "stride": 1, "dilation": 2}, {"kernel_size": 3, "ceil_mode": True},
+                                    {"kernel_size": 3, "stride": 1, "dilation": 2},
+                                    {"kernel_size": 3, "ceil_mode": True},
                                     {"kernel_size": (2, 3), "stride": (1, 2)}], ids=str)
 def test_max_pool_keeps_window_offsets_in_uint8(kwargs):
     pool = nn.MaxPool2d(**kwargs)

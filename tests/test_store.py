@@ -64,6 +64,17 @@ def test_run_round_trip(tmp_path):
     assert store.get_run(run_id)["config"]["seed"] == 3
 
 
+def test_claim_run_takes_over_the_run_and_its_job(tmp_path):
+    store = RunStore(tmp_path / "s")
+    run_id = store.create_run("finetune", "asi", {}, job_id="job-1")
+    store.set_status(run_id, "interrupted", "killed")
+    store.claim_run(run_id)
+    run = store.get_run(run_id)
+    assert run["status"] == "running" and run["message"] is None and run["job_id"] == "job-1"
+    store.claim_run(run_id, job_id="job-2")
+    assert store.get_run(run_id)["job_id"] == "job-2"
+
+
 def test_list_filter_find_and_delete(tmp_path):
     store = RunStore(tmp_path)
     a = store.create_run("finetune", "vanilla", {}, job_id="j1")

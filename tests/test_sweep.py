@@ -92,7 +92,8 @@ def test_grid_of_two_methods_two_budgets_two_seeds(ray_cluster):
     for method in ("asi", "lance"):
         mine = {k: v for k, v in recomputed.items() if v[0] == method}
         expected = {k for k, (_, x, y) in mine.items()
-                    if not any(x2 <= x and y2 >= y and (x2 < x or y2 > y) for k2, (_, x2, y2) in mine.items() if k2 != k)}
+                    if not any(x2 <= x and y2 >= y and (x2 < x or y2 > y)
+                               for k2, (_, x2, y2) in mine.items() if k2 != k)}
         assert set(results["front"][method]) == expected and expected
         small = min(mine, key=lambda k: mine[k][1])
         assert small in results["front"][method]  # the fewest bytes is never dominated

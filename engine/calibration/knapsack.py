@@ -156,7 +156,8 @@ class _LPBound:
         if start not in self._knots:
             keep = self.seg_group >= start
             cost = np.concatenate([[self.suffix_cost[start]], self.suffix_cost[start] + np.cumsum(self.seg_dc[keep])])
-            value = np.concatenate([[self.suffix_value[start]], self.suffix_value[start] + np.cumsum(self.seg_dv[keep])])
+            value = np.concatenate([[self.suffix_value[start]],
+                                    self.suffix_value[start] + np.cumsum(self.seg_dv[keep])])
             self._knots[start] = (cost, value)
         return self._knots[start]
 

@@ -85,7 +85,8 @@ class CalibrationResult:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"calibration file {path} does not exist: create it with `lance calibrate … --out {path}`")
+            raise FileNotFoundError(f"calibration file {path} does not exist: "
+                                    f"create it with `lance calibrate … --out {path}`")
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except ValueError as err:
@@ -109,7 +110,8 @@ def resolve_layers(all_layers: Sequence[str], layers: int | str | Sequence[str] 
         if layers < 0:
             raise ValueError(f"--layers must be >= 0, got {layers}")
         if layers > len(all_layers):
-            raise ValueError(f"--layers {layers} asks for more layers than the model's {len(all_layers)} compressible ones")
+            raise ValueError(f"--layers {layers} asks for more layers than the model's "
+                             f"{len(all_layers)} compressible ones")
         return list(all_layers[len(all_layers) - layers:]) if layers else []
     names = list(layers)
     unknown = [n for n in names if n not in all_layers]
@@ -193,7 +195,7 @@ def calibrate_model(
             collector.batches += len(batches) - len(rest)
             model.eval()
             with torch.no_grad():
-                for k, batch in enumerate(rest):
+                for batch in rest:
                     xb = batch[0] if isinstance(batch, (tuple, list)) else batch
                     model(xb if device is None else xb.to(device))
                     collector.count_batch()

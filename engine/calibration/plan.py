@@ -227,7 +227,8 @@ def solve_plan(calibration: Any, budget: str | int | float, batch_size: int, *, 
         weights=None if config.get("weights") in (None, "None") else str(config.get("weights")),
         resolution=config.get("resolution"), layers=[layer.name for layer in per_layer], batch_size=batch_size,
         per_layer=per_layer, plan_total_bytes=total, budget=str(budget), budget_bytes=parse_budget(budget),
-        vanilla_bytes=int(sum(full)), cost_unit_bytes=int(selection.cost_unit_bytes), calibration=calibration_source(data, calibration_path), source=source,
+        vanilla_bytes=int(sum(full)), cost_unit_bytes=int(selection.cost_unit_bytes),
+        calibration=calibration_source(data, calibration_path), source=source,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 

@@ -34,8 +34,8 @@ def streamlit_argv(port: int, address: str) -> list[str]:
 
 
 PRELOAD = ("torch", "engine", "engine.models", "engine.data", "engine.store", "engine.calibration",
-           "torchvision.models", "pandas", "pyarrow", "plotly.graph_objects", "plotly.io", "lance_app.figures", "lance_app.live",
-           "lance_app.catalog")
+           "torchvision.models", "pandas", "pyarrow", "plotly.graph_objects", "plotly.io", "lance_app.figures",
+           "lance_app.live", "lance_app.catalog")
 
 
 def preload() -> float:
@@ -54,8 +54,8 @@ def preload() -> float:
         except ImportError:  # a piece missing in this install: its page says so
             pass
     try:  # first use of torch's module init / kernels: the default backbone the Setup page shows
-        from lance_app.catalog import DEFAULT_BACKBONE
         from engine.models import build_backbone
+        from lance_app.catalog import DEFAULT_BACKBONE
 
         build_backbone(DEFAULT_BACKBONE, weights="none", num_classes=10)
         from lance_app import catalog

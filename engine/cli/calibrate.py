@@ -29,11 +29,13 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", required=True, help="e.g. cifar10, digits, imagefolder:PATH (see `lance datasets`)")
     p.add_argument("--weights", default=None, help="imagenet | none | PATH (default: the backbone's default)")
     p.add_argument("--layers", default="4",
-                   help="fine-tuned layers measured for perplexity: the last K compressible layers, or 'all' (default 4)")
+                   help="fine-tuned layers measured for perplexity: the last K compressible layers, "
+                        "or 'all' (default 4)")
     p.add_argument("--eps", default=None,
                    help="comma-separated energy grid, e.g. 0.5,0.7,0.9 (default 0.40,0.45,…,0.95)")
     p.add_argument("--batches", type=int, default=2, help="calibration batches for the spectra (default 2)")
-    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size; bytes are for this size (default 64)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="calibration batch size; bytes are for this size (default 64)")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the backbone's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None, help="folder holding the datasets (also LANCE_DATA_ROOT)")
@@ -243,16 +245,19 @@ def run_bench_solver(args) -> int:
         assert solution.total_cost <= budget
     # brute force on a small instance, for scale
     small_costs, small_values = costs[:6], values[:6]
-    small_budget = sum(min(c) for c in small_costs) + 0.5 * (sum(max(c) for c in small_costs) - sum(min(c) for c in small_costs))
+    small_min = sum(min(c) for c in small_costs)
+    small_budget = small_min + 0.5 * (sum(max(c) for c in small_costs) - small_min)
     start = time.perf_counter()
-    brute = brute_force_multiple_choice_knapsack([c[:6] for c in small_costs], [v[:6] for v in small_values], small_budget)
+    brute = brute_force_multiple_choice_knapsack([c[:6] for c in small_costs], [v[:6] for v in small_values],
+                                                 small_budget)
     brute_s = time.perf_counter() - start
     exact = solve_multiple_choice_knapsack([c[:6] for c in small_costs], [v[:6] for v in small_values], small_budget)
     print(json.dumps({
         "benchmark": "solver", "layers": args.layers, "eps": args.eps, "repeats": args.repeats,
         "seconds_median": float(np.median(timings)), "seconds_max": float(np.max(timings)),
         "max_front_size": int(max(fronts)),
-        "brute_force_6x6_seconds": brute_s, "brute_force_6x6_matches": abs(brute.total_value - exact.total_value) < 1e-9,
+        "brute_force_6x6_seconds": brute_s,
+        "brute_force_6x6_matches": abs(brute.total_value - exact.total_value) < 1e-9,
     }, indent=2))
     return 0
 

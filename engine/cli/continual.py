@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from engine.cli._output import write_json as _write_json
+
 BENCHMARKS = ("split-cifar10", "split-cifar100", "split-digits", "5-datasets")
 
 
@@ -77,9 +79,6 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-from engine.cli._output import write_json as _write_json
-
-
 def _methods(text: str) -> list[str]:
     from engine.continual import METHODS
 
@@ -101,7 +100,8 @@ def spec_from_args(args):
     spatial = None if str(args.spatial_eps).lower() == "none" else float(args.spatial_eps)
     eps_plain = None if str(args.eps_plain).lower() == "none" else float(args.eps_plain)
     training = dict(epochs=args.epochs, lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
-                    eps=args.eps, eps_plain=eps_plain, spatial_eps=spatial, eps_cl=args.eps_cl, eps_cl_step=args.eps_cl_step,
+                    eps=args.eps, eps_plain=eps_plain, spatial_eps=spatial, eps_cl=args.eps_cl,
+                    eps_cl_step=args.eps_cl_step,
                     calibration_batches=args.calibration_batches,
                     calibration_batch_size=args.calibration_batch_size, basis_samples=args.basis_samples,
                     compress_first_task=args.compress_first_task,
@@ -115,8 +115,10 @@ def spec_from_args(args):
 def print_table(runs: list[dict], stream=sys.stdout) -> None:
     print(f"{'method':<10}{'ACC %':>8}{'BWT':>8}{'forget':>8}{'peak layer act':>16}{'peak region act':>17}  run",
           file=stream)
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}"
+
     for r in runs:
-        fmt = (lambda v: "-" if v is None else f"{v:.2f}")
         print(f"{r['method']:<10}{fmt(r['acc']):>8}{fmt(r['bwt']):>8}{fmt(r['forgetting']):>8}"
               f"{r['peak_layer_activation_bytes'] / 1e6:>13.3f} MB{r['peak_region_activation_bytes'] / 1e6:>14.3f} MB"
               f"  {r['run_id']}", file=stream)

@@ -98,7 +98,8 @@ def run_datasets(args: argparse.Namespace) -> int:
     print(f"data roots: {', '.join(roots)}")
     print(f"{'dataset':14} {'classes':>7}  {'status':8} description")
     for r in rows:
-        print(f"{r['name']:14} {r['classes'] or '?':>7}  {'here' if r['available'] else 'MISSING':8} {r['description']}")
+        status = "here" if r["available"] else "MISSING"
+        print(f"{r['name']:14} {r['classes'] or '?':>7}  {status:8} {r['description']}")
         if r["available"]:
             print(f"{'':32}at: {r['path']}")
         else:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from engine.cli._output import write_json as _write_json
+
 METHODS_HELP = "vanilla, gradient_filter, hosvd, asi, lance (comma-separated: run one after another)"
 
 
@@ -81,13 +83,17 @@ def _fail(command: str, message: str, code: int = 2) -> int:
     return code
 
 
-from engine.cli._output import write_json as _write_json
-
-
 def config_from_args(args):
     """FinetuneConfig from parsed arguments (raises ConfigError)."""
-    from engine.train.config import (BUDGET_METHODS, EPS_METHODS, RANKS_METHODS, ConfigError, FinetuneConfig,
-                                     per_method, split_methods)
+    from engine.train.config import (
+        BUDGET_METHODS,
+        EPS_METHODS,
+        RANKS_METHODS,
+        ConfigError,
+        FinetuneConfig,
+        per_method,
+        split_methods,
+    )
 
     if not args.backbone:
         raise ConfigError("--backbone is required (e.g. --backbone mcunet-in3)")

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                    help="torch/OpenMP threads (and Ray CPUs) per trial (default 1)")
     p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, ray://host:10001) "
                                                    "instead of starting a local one")
-    p.add_argument("--resume", default=None, metavar="SWEEP_ID", help="run the trials of SWEEP_ID that did not complete")
+    p.add_argument("--resume", default=None, metavar="SWEEP_ID",
+                   help="run the trials of SWEEP_ID that did not complete")
     p.add_argument("--show", default=None, metavar="SWEEP_ID", help="print a stored sweep's results (no training)")
     p.add_argument("--list", action="store_true", help="list the stored sweeps")
     p.add_argument("--front-bytes", default="peak_layer_activation_bytes",

@@ -142,7 +142,8 @@ class _CLMixin:
         """Subspace usage ``rank(P) / D`` in [0, 1]."""
         return self.protected_basis.shape[1] / self.feature_dim
 
-    def set_factors(self, u_feat: torch.Tensor, u_h: torch.Tensor | None = None, u_w: torch.Tensor | None = None) -> None:
+    def set_factors(self, u_feat: torch.Tensor, u_h: torch.Tensor | None = None,
+                    u_w: torch.Tensor | None = None) -> None:
         dev = self.weight.device
         self.u_feat = u_feat.detach().float().to(dev).contiguous()
         self.u_h = (u_h if u_h is not None else _empty(0, 0)).detach().float().to(dev).contiguous()

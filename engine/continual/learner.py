@@ -16,7 +16,7 @@ Rules that keep old tasks' outputs fixed (``lance`` and ``gpm``, tasks ``t >= 1`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
@@ -94,7 +94,7 @@ def _head_module_names(model: nn.Module) -> set[str]:
         raise ValueError("a continual-learning model needs a `heads` attribute (one classifier per task) "
                          "and forward(x, task); build it with engine.models.build_multihead")
     names = set()
-    for name, module in model.named_modules():
+    for name, _ in model.named_modules():
         if name == "heads" or name.startswith("heads."):
             names.add(name)
     return names

@@ -125,8 +125,9 @@ def run_sequence(
         task = tasks[t]
         torch.manual_seed(_task_seed(config.seed, t, 0))
         start = time.perf_counter()
-        ranks = learner.calibrate(t, _first_batches(task.train, config.calibration_batch_size, config.calibration_batches,
-                                                    _task_seed(config.seed, t, 1)))
+        batches = _first_batches(task.train, config.calibration_batch_size, config.calibration_batches,
+                                 _task_seed(config.seed, t, 1))
+        ranks = learner.calibrate(t, batches)
         params = learner.configure_task(t)
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
         peak_layer = peak_region = 0

@@ -178,7 +178,8 @@ def resume_method(store, run_ref: str, stream=sys.stdout, meter_factory: Callabl
     """Continue a stored continual run at the task after its last checkpoint."""
     run = store.find_run(run_ref)
     if run["kind"] != "continual":
-        raise ValueError(f"run {run['id']} is a {run['kind']} run, not a continual one; use lance {run['kind']} --resume")
+        raise ValueError(f"run {run['id']} is a {run['kind']} run, not a continual one; "
+                         f"use lance {run['kind']} --resume")
     path = store.checkpoint_path(run["id"])
     if not path.is_file():
         raise ValueError(f"run {run['id']} has no checkpoint at {path} (it stopped before finishing its first "

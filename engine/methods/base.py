@@ -7,8 +7,8 @@ that layer's buffers so that checkpoints carry it). Everything here runs on deta
 from __future__ import annotations
 
 import itertools
-import zlib
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -70,7 +70,8 @@ class Method:
     def compress(self, layer: "CompressedLayer", x: Tensor) -> Stash:
         raise NotImplementedError
 
-    def weight_grad(self, layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict, grad_output: Tensor) -> Tensor:
+    def weight_grad(self, layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict,
+                    grad_output: Tensor) -> Tensor:
         raise NotImplementedError
 
     def input_grad(self, layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict, grad_output: Tensor,

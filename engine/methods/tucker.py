@@ -17,8 +17,15 @@ import torch
 from engine import functional as Fn
 from engine import tensor_ops as T
 from engine.methods.base import (
-    Method, Stash, batch_factor, contract_except, effective_ranks, energy_ratio, projection_order,
-    tucker_stash, tucker_weight_grad,
+    Method,
+    Stash,
+    batch_factor,
+    contract_except,
+    effective_ranks,
+    energy_ratio,
+    projection_order,
+    tucker_stash,
+    tucker_weight_grad,
 )
 
 Tensor = torch.Tensor

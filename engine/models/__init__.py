@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from .stages import Stage, StageSequence, first_trainable_stage, split_at_stage, stage_of_layer
-from .weights import WeightsMissing, load_state_dict_file, weights_dir as resolve_weights_dir
+from .weights import WeightsMissing, load_state_dict_file
+from .weights import weights_dir as resolve_weights_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -191,7 +192,8 @@ def imagenet_file(name: str, folder: Path, download: bool = True) -> Path:
     try:
         return W.download(url, folder / name / names[0])
     except OSError as error:
-        raise WeightsMissing(W.missing_message(name, names, looked_in, url, f"{type(error).__name__}: {error}")) from None
+        reason = f"{type(error).__name__}: {error}"
+        raise WeightsMissing(W.missing_message(name, names, looked_in, url, reason)) from None
 
 
 def weights_available(name: str, weights_dir: str | os.PathLike | None = None) -> Path | None:
@@ -265,6 +267,6 @@ def build_multihead(name: str, task_classes: list[int], resolution: int = 32, se
 __all__ = [
     "Backbone", "BackboneSpec", "SPECS", "Stage", "StageSequence", "WeightsMissing", "available_backbones",
     "backbone_spec", "build_backbone", "build_multihead", "default_weights", "first_trainable_stage",
-    "head_features", "imagenet_file", "weight_files", "mcunet_config", "replace_head", "split_at_stage", "stage_of_layer",
-    "weights_available",
+    "head_features", "imagenet_file", "weight_files", "mcunet_config", "replace_head", "split_at_stage",
+    "stage_of_layer", "weights_available",
 ]

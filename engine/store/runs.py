@@ -250,15 +250,17 @@ class RunStore:
         self._write(insert)
         return run_id
 
-    def claim_run(self, run_id: str, pid: int | None = None) -> None:
-        """Mark ``run_id`` as running again, owned by this process (used by ``--resume``)."""
+    def claim_run(self, run_id: str, pid: int | None = None, job_id: str | None = None) -> None:
+        """Mark ``run_id`` as running again, owned by this process (used by ``--resume``).
+
+        ``job_id``: the app job now driving the run (kept as it was when None)."""
         self.get_run(run_id)
         pid = os.getpid() if pid is None else int(pid)
         self._write(
             lambda c: c.execute(
                 "UPDATE runs SET status='running', message=NULL, pid=?, pid_start=?, host=?,"
-                " updated_at=? WHERE id=?",
-                (pid, process_start_token(pid), hostname(), time.time(), run_id),
+                " updated_at=?, job_id=COALESCE(?, job_id) WHERE id=?",
+                (pid, process_start_token(pid), hostname(), time.time(), job_id, run_id),
             )
         )
 
@@ -478,7 +480,7 @@ class RunStore:
                    if self.checkpoint_path(row["id"]).is_file() else "")
             )
             cur = self._write(
-                lambda c, rid=row["id"], pid=row["pid"]: c.execute(
+                lambda c, rid=row["id"], pid=row["pid"], message=message: c.execute(
                     "UPDATE runs SET status='interrupted', message=?, updated_at=?"
                     " WHERE id=? AND status='running' AND pid IS ?",
                     (message, time.time(), rid, pid),

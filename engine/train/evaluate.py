@@ -43,7 +43,8 @@ def evaluate_run(store, run_ref: str, dataset: str, split: str = "test", data_ro
                           f"{ckpt['num_classes']}; evaluate on a dataset with the same classes")
     if names is not None and trained_names and list(names) != list(trained_names):
         raise ConfigError(f"{dataset}'s classes {list(names)[:6]}... differ from the run's "
-                          f"{list(trained_names)[:6]}...; evaluate on a dataset with the same classes in the same order")
+                          f"{list(trained_names)[:6]}...; "
+                          "evaluate on a dataset with the same classes in the same order")
     data = seeded_subset(data, limit, int(config.get("seed", 0)) + 2)
     model = backbone.model.to(device)
     result = evaluate(model, DatasetBatches(data, batch_size, shuffle=False)(0), device)

@@ -501,9 +501,7 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
                                       job_id=job_id)
         else:
             run_id = existing
-            store.claim_run(run_id)
-            if job_id is not None:
-                store._write(lambda c: c.execute("UPDATE runs SET job_id=? WHERE id=?", (job_id, run_id)))
+            store.claim_run(run_id, job_id=job_id)
         run_sinks = [StoreSink(store, run_id), *extra_sinks]
         log(f"[{method}] run {run_id}")
         try:
