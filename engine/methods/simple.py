@@ -35,10 +35,15 @@ class Vanilla(Method):
 class GradientFilter(Method):
     """Gradient filtering (Yang et al., CVPR 2023) with patch ``R``.
 
-    Conv layers: ``A`` is averaged to the grid of ``R×R`` patches of the *output* (``⌈H'/R⌉×⌈W'/R⌉``),
-    ``G`` is averaged over the same patches; dW gets one value per kernel tap pair
-    ``Σ_patches |patch|·Ḡ·Ā`` (every tap the same), and the input gradient is computed exactly from
-    ``Ḡ`` broadcast back over each patch (so it is approximate and errors compound with depth).
+    Conv layers: the output ``(B, C', H', W')`` is cut into non-overlapping ``R×R`` patches (the last
+    row / column of patches partial when ``R`` does not divide ``H'`` / ``W'``): a grid ``h×w`` with
+    ``h = ⌈H'/R⌉``. ``G`` is averaged over each patch; ``A`` is averaged over the matching
+    non-overlapping input patches of ``(s_h·R)×(s_w·R)`` pixels (stride ``s``; ``R×R`` at stride 1),
+    the last partial too, on the same ``h×w`` grid. dW gets one value per kernel tap pair
+    ``Σ_patches |patch|·Ḡ·Ā`` (every tap the same), with ``|patch|`` the patch's output pixel count.
+    The input gradient is the exact transposed convolution of ``Ḡ`` broadcast back over each patch
+    (approximate, so errors compound with depth); it is computed on the ``h×w`` grid where that is
+    the same number (1×1 convs; ``R`` dividing ``H'`` and ``W'``), ``R²`` resp. ≈2-3× cheaper.
     Linear layers have no spatial patches: they stay exact (vanilla storage).
     """
 
@@ -57,16 +62,27 @@ class GradientFilter(Method):
     def _grid(self, out_h: int, out_w: int) -> tuple[int, int]:
         return math.ceil(out_h / self.patch), math.ceil(out_w / self.patch)
 
+    def pool_activation(self, layer, x: Tensor) -> Tensor:
+        """``Ā``: x ``(B, C, H, W)`` averaged over non-overlapping ``(s_h·R)×(s_w·R)`` patches → ``(B, C, h, w)``."""
+        geometry = layer.geometry
+        out_h, out_w = geometry.output_hw(x.shape[2], x.shape[3])
+        grid_h, grid_w = self._grid(out_h, out_w)
+        kh, kw = geometry.stride[0] * self.patch, geometry.stride[1] * self.patch
+        # ceil_mode: the last window may run past the border; avg_pool2d divides it by its in-bounds count.
+        need_h, need_w = (grid_h - 1) * kh + 1, (grid_w - 1) * kw + 1
+        if x.shape[2] < need_h or x.shape[3] < need_w:  # output patches reaching past the input (padding)
+            x = F.pad(x, (0, max(0, need_w - x.shape[3]), 0, max(0, need_h - x.shape[2])))
+        pooled = F.avg_pool2d(x, (kh, kw), (kh, kw), ceil_mode=True)
+        return pooled[:, :, :grid_h, :grid_w]
+
     def compress(self, layer, x: Tensor) -> Stash:
         if layer.kind != "conv":
             return Stash([x], {"ranks": list(x.shape), "flops_compress": 0, "exact": True})
-        out_h, out_w = layer.geometry.output_hw(x.shape[2], x.shape[3])
-        grid = self._grid(out_h, out_w)
-        pooled = F.adaptive_avg_pool2d(x, grid).contiguous()
+        pooled = self.pool_activation(layer, x).contiguous()
         return Stash([pooled], {"ranks": list(pooled.shape), "flops_compress": x.numel(), "exact": False})
 
-    def _pool_grad(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-        """(Ḡ average over each patch, patch element counts) — patches clipped at the border."""
+    def pool_grad(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        """(Ḡ ``(B, C', h, w)`` average over each ``R×R`` output patch, patch pixel counts ``(1, 1, h, w)``)."""
         r = self.patch
         pooled = F.avg_pool2d(grad_output, r, r, ceil_mode=True)
         ones = torch.ones(1, 1, *grad_output.shape[2:], dtype=grad_output.dtype, device=grad_output.device)
@@ -78,7 +94,7 @@ class GradientFilter(Method):
         if meta.get("exact"):
             return exact_weight_grad(layer, saved, grad_output)
         geometry = layer.geometry
-        g_avg, counts = self._pool_grad(grad_output)
+        g_avg, counts = self.pool_grad(grad_output)
         g_sum = g_avg * counts  # (B, C', h, w)
         groups = geometry.groups
         batch, out_ch = g_sum.shape[:2]
@@ -92,8 +108,52 @@ class GradientFilter(Method):
     def input_grad(self, layer, tensors, meta, grad_output: Tensor, weight: Tensor, input_shape) -> Tensor:
         if meta.get("exact"):
             return layer.exact_input_grad(grad_output, weight, input_shape)
-        g_avg, _ = self._pool_grad(grad_output)
+        g_avg, _ = self.pool_grad(grad_output)
+        geometry = layer.geometry
+        out_h, out_w = grad_output.shape[2:]
         r = self.patch
-        g_tilde = g_avg.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)
-        g_tilde = g_tilde[:, :, : grad_output.shape[2], : grad_output.shape[3]]
-        return layer.exact_input_grad(g_tilde.contiguous(), weight, input_shape)
+        plain = geometry.dilation == (1, 1) and geometry.symmetric
+        if plain and geometry.kernel == (1, 1) and geometry.padding == (0, 0, 0, 0):
+            return _filtered_input_grad_pointwise(g_avg, weight, geometry, r, (out_h, out_w), input_shape)
+        if plain and out_h % r == 0 and out_w % r == 0:
+            return _filtered_input_grad_grid(g_avg, weight, geometry, r, input_shape)
+        return layer.exact_input_grad(broadcast_patches(g_avg, r, (out_h, out_w)), weight, input_shape)
+
+
+def broadcast_patches(pooled: Tensor, patch: int, out_hw: tuple[int, int]) -> Tensor:
+    """``G̃``: pooled ``(B, C', h, w)`` repeated over each ``R×R`` patch and cropped → ``(B, C', H', W')``."""
+    b, c, h, w = pooled.shape
+    full = pooled[:, :, :, None, :, None].expand(b, c, h, patch, w, patch).reshape(b, c, h * patch, w * patch)
+    return full[:, :, : out_hw[0], : out_hw[1]].contiguous()
+
+
+def _filtered_input_grad_pointwise(g_avg: Tensor, weight: Tensor, geometry, patch: int, out_hw, input_shape) -> Tensor:
+    """A 1×1 conv, no padding: ``dX[::s, ::s] = broadcast(Wᵀ Ḡ)`` — the channel mix runs on the ``h×w`` grid."""
+    b, _, h, w = g_avg.shape
+    mixed = torch.ops.aten.convolution_backward(
+        g_avg, g_avg.new_empty(1).expand(b, input_shape[1], h, w), weight, None, [1, 1], [0, 0], [1, 1],
+        False, [0, 0], geometry.groups, [True, False, False],
+    )[0]  # (B, C, h, w)
+    lifted = broadcast_patches(mixed, patch, out_hw)  # (B, C, H', W')
+    if geometry.stride == (1, 1) and tuple(lifted.shape) == tuple(input_shape):
+        return lifted
+    grad = g_avg.new_zeros(input_shape)
+    sh, sw = geometry.stride
+    grad[:, :, : out_hw[0] * sh : sh, : out_hw[1] * sw : sw] = lifted
+    return grad
+
+
+def _filtered_input_grad_grid(g_avg: Tensor, weight: Tensor, geometry, patch: int, input_shape) -> Tensor:
+    """``R`` divides ``H'`` and ``W'``: broadcasting ``Ḡ`` and a transposed conv by ``W`` (stride ``s``) equal one
+    transposed conv of ``Ḡ`` itself by the combined kernel ``K[a] = Σ_{t<R} W[a − s·t]`` at stride ``s·R``."""
+    sh, sw = geometry.stride
+    out_ch, in_per_group, kh, kw = weight.shape
+    combined = weight.new_zeros(out_ch, in_per_group, sh * (patch - 1) + kh, sw * (patch - 1) + kw)
+    for th in range(patch):
+        for tw in range(patch):
+            combined[:, :, sh * th : sh * th + kh, sw * tw : sw * tw + kw] += weight
+    top, _, left, _ = geometry.padding
+    return torch.ops.aten.convolution_backward(
+        g_avg, g_avg.new_empty(1).expand(tuple(input_shape)), combined, None, [sh * patch, sw * patch],
+        [top, left], [1, 1], False, [0, 0], geometry.groups, [True, False, False],
+    )[0]

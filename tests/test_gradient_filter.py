@@ -1,0 +1,93 @@
+"""Gradient filter against a direct computation: non-overlapping R×R output patches (the last partial),
+the matching (s·R)×(s·R) input patches, dW = Σ |patch|·Ḡ·Ā per tap, dX = exact transposed conv of G̃."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import engine
+
+
+def _patch_bounds(size: int, patch: int, i: int) -> tuple[int, int]:
+    return i * patch, min((i + 1) * patch, size)
+
+
+def _direct(conv: nn.Conv2d, x: torch.Tensor, grad_output: torch.Tensor, patch: int):
+    """Explicit loops over the patches: (dW, dX) of gradient filtering with patch ``patch``."""
+    batch, channels, height, width = x.shape
+    out_h, out_w = grad_output.shape[2:]
+    sh, sw = conv.stride
+    grid_h, grid_w = -(-out_h // patch), -(-out_w // patch)
+    a_bar = torch.zeros(batch, channels, grid_h, grid_w, dtype=x.dtype)
+    g_bar = torch.zeros(batch, grad_output.shape[1], grid_h, grid_w, dtype=x.dtype)
+    count = torch.zeros(grid_h, grid_w, dtype=x.dtype)
+    g_tilde = torch.zeros_like(grad_output)
+    for i in range(grid_h):
+        for j in range(grid_w):
+            y0, y1 = _patch_bounds(out_h, patch, i)
+            x0, x1 = _patch_bounds(out_w, patch, j)
+            count[i, j] = (y1 - y0) * (x1 - x0)
+            g_bar[:, :, i, j] = grad_output[:, :, y0:y1, x0:x1].mean(dim=(2, 3))
+            g_tilde[:, :, y0:y1, x0:x1] = g_bar[:, :, i, j, None, None]
+            iy0, iy1 = _patch_bounds(height, sh * patch, i)
+            ix0, ix1 = _patch_bounds(width, sw * patch, j)
+            a_bar[:, :, i, j] = x[:, :, iy0:iy1, ix0:ix1].mean(dim=(2, 3))
+    groups = conv.groups
+    out_ch, in_per_group, kh, kw = conv.weight.shape
+    dw = torch.zeros(out_ch, in_per_group, dtype=x.dtype)
+    for o in range(out_ch):
+        g = o // (out_ch // groups)
+        for c in range(in_per_group):
+            dw[o, c] = (count * g_bar[:, o] * a_bar[:, g * in_per_group + c]).sum()
+    dw = dw[:, :, None, None].expand(out_ch, in_per_group, kh, kw)
+    xr = x.detach().clone().requires_grad_(True)
+    F.conv2d(xr, conv.weight.detach(), None, conv.stride, conv.padding, conv.dilation, groups).backward(g_tilde)
+    return dw, xr.grad
+
+
+CASES = [
+    # (in_ch, out_ch, kernel, stride, padding, groups, H): 7×7 with R = 2 is the case whose windows used to differ
+    pytest.param(5, 6, 3, 1, 1, 1, 7, id="3x3-7x7"),
+    pytest.param(5, 6, 1, 1, 0, 1, 7, id="1x1-7x7"),
+    pytest.param(6, 6, 3, 1, 1, 6, 7, id="depthwise-7x7"),
+    pytest.param(5, 6, 3, 1, 1, 1, 6, id="3x3-6x6"),
+    pytest.param(6, 6, 7, 1, 3, 6, 6, id="depthwise7-6x6"),
+    pytest.param(5, 6, 1, 1, 0, 1, 6, id="1x1-6x6"),
+    pytest.param(4, 6, 1, 2, 0, 1, 14, id="1x1-stride2-14x14"),
+    pytest.param(4, 6, 3, 2, 1, 1, 14, id="3x3-stride2-14x14"),
+    pytest.param(4, 6, 3, 2, 1, 1, 8, id="3x3-stride2-8x8"),
+]
+
+
+@pytest.mark.parametrize("in_ch,out_ch,kernel,stride,padding,groups,size", CASES)
+def test_gradient_filter_matches_direct_patch_sums(in_ch, out_ch, kernel, stride, padding, groups, size):
+    torch.manual_seed(size * 10 + kernel)
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups).double()
+    x = torch.randn(3, in_ch, size, size, dtype=torch.float64)
+    model = nn.Sequential(copy.deepcopy(conv))
+    engine.compress_model(model, "gradient_filter", layers=["0"], options={"patch": 2})
+    xin = x.clone().requires_grad_(True)
+    out = model(xin)
+    grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    dw, dx = _direct(conv, x, grad_output, 2)
+    assert torch.allclose(model[0].weight.grad, dw, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(xin.grad, dx, rtol=1e-10, atol=1e-10)
+
+
+def test_gradient_filter_stores_the_patch_grid_at_7x7():
+    """At 7×7, R = 2 the stored activation is 4×4: rows/cols {0,1},{2,3},{4,5},{6} averaged (not overlapping)."""
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    model = nn.Sequential(conv)
+    handle = engine.compress_model(model, "gradient_filter", layers=["0"], options={"patch": 2})
+    x = torch.arange(2 * 49, dtype=torch.float64).reshape(1, 2, 7, 7)
+    stored = handle.layers["0"].method.pool_activation(handle.layers["0"], x)
+    assert stored.shape == (1, 2, 4, 4)
+    assert stored[0, 0, 0, 0] == x[0, 0, :2, :2].mean()
+    assert stored[0, 0, 1, 2] == x[0, 0, 2:4, 4:6].mean()
+    assert stored[0, 0, 3, 3] == x[0, 0, 6, 6]
+    assert stored[0, 1, 3, 0] == x[0, 1, 6, :2].mean()
