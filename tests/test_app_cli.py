@@ -3,7 +3,7 @@ tests/test_browser_app.py)."""
 from __future__ import annotations
 
 from engine.cli import build_parser, main
-from engine.cli.app import entrypoint, streamlit_argv
+from lance_app.cli import entrypoint, streamlit_argv
 
 
 def test_binds_localhost_without_telemetry_by_default():

@@ -2,8 +2,8 @@
 
 Every module in this package that defines ``register(subparsers)`` adds its own subcommand(s);
 ``register`` must call ``parser.set_defaults(func=run)`` where ``run(args) -> int`` is the exit status.
-Modules import heavy dependencies (torch, models, datasets) inside ``run`` so that ``lance --help``
-stays fast.
+Other installed packages add theirs through the ``lance.commands`` entry point group (the app's
+``lance app`` comes from ``lance_app.cli``): the engine itself never imports the app.
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import importlib
 import os
 import pkgutil
 import sys
+from importlib.metadata import entry_points
+
+ENTRY_POINT_GROUP = "lance.commands"
 
 # OpenMP threads that spin while waiting slow small kernels down by orders of magnitude on a busy
 # machine; set before torch is first imported (every subcommand imports it lazily).
@@ -31,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(module, "register", None)
         if register is not None:
             register(subparsers)
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        entry.load()(subparsers)
     return parser
 
 

@@ -1,10 +1,19 @@
-"""``lance app``: start the Streamlit app (binds localhost unless told otherwise)."""
+"""``lance app``: start the Streamlit app (binds localhost unless told otherwise).
+
+The app package registers this subcommand through the ``lance.commands`` entry point group
+(``pyproject.toml``); the engine's CLI discovers it and never imports Streamlit or ``lance_app``.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import time
 from pathlib import Path
+
+import lance_app
+from lance_app.paths import pages_dir
 
 
 def register(subparsers) -> None:
@@ -20,8 +29,6 @@ def register(subparsers) -> None:
 
 def entrypoint() -> Path:
     """``lance_app/main.py`` of this installation."""
-    import lance_app
-
     return Path(lance_app.__file__).resolve().parent / "main.py"
 
 
@@ -44,9 +51,6 @@ def preload() -> float:
     Streamlit runs page scripts in this same process, so they find these in ``sys.modules``.
     Returns the seconds spent.
     """
-    import importlib
-    import time
-
     start = time.perf_counter()
     for name in PRELOAD:
         try:
@@ -72,11 +76,10 @@ def run(args: argparse.Namespace) -> int:
     if not (1 <= args.port <= 65535):
         print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
         return 2
-    main = entrypoint()
-    pages = main.parent.parent / "pages"
-    if not pages.is_dir():
-        print(f"error: the app's pages folder is missing ({pages}); install the project from its "
-              "checkout with `pip install -e .`", file=sys.stderr)
+    pages = pages_dir()
+    if not (pages / "setup.py").is_file():
+        print(f"error: the app's pages are missing ({pages}); reinstall the project "
+              "(`pip install .` or `pip install -e .` from its checkout)", file=sys.stderr)
         return 2
     if args.home:
         os.environ["LANCE_HOME"] = str(Path(args.home).expanduser().resolve())
@@ -87,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
     seconds = preload()
     print(f"LANCE Lab on http://{args.address}:{args.port}  (modules loaded in {seconds:.1f} s; Ctrl-C stops it)",
           flush=True)
-    os.chdir(main.parent.parent)
     from streamlit.web import cli as streamlit_cli
 
     try:  # in-process, so the preloaded modules serve the page scripts
