@@ -40,12 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``lance`` command; returns the exit status (0 ok, 1 a run or the store failed, 2 bad input).
+
+    No traceback reaches the user: bad input gets its message and 2; a failure (a full or read-only disk,
+    a damaged store, a bug) gets its cause and 1. ``LANCE_DEBUG=1`` shows the traceback of a bug.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage (2) or help (0)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from engine.cli._errors import run_guarded
+
+    return run_guarded(args.func, args, prog=f"lance {args.command}")
 
 
 if __name__ == "__main__":  # pragma: no cover

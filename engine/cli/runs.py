@@ -1,7 +1,6 @@
-"""``lance runs list|show|export|delete``: the run store from the terminal."""
+"""``lance runs list|show|export|delete|repair``: the run store from the terminal."""
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -9,7 +8,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("runs", help="list, show, export or delete stored runs",
+    p = subparsers.add_parser("runs", help="list, show, export, delete or repair stored runs",
                               description="The run store ($LANCE_HOME, default: the user data dir).")
     sub = p.add_subparsers(dest="runs_command", metavar="ACTION")
 
@@ -29,12 +28,20 @@ def register(subparsers) -> None:
     ex.add_argument("runs", nargs="+", help="run ids (or prefixes)")
     ex.add_argument("--out", required=True, help="output file (.csv or .json)")
     ex.add_argument("--format", choices=["csv", "json"], default=None, help="default: from --out's suffix")
+    ex.add_argument("--force", action="store_true", help="replace --out if it exists (never a file of the store)")
     ex.set_defaults(func=run_export)
 
     rm = sub.add_parser("delete", help="delete runs (rows, config, checkpoint)")
     rm.add_argument("runs", nargs="+", help="run ids (or prefixes)")
     rm.add_argument("--force", action="store_true", help="also delete runs whose process is still running")
     rm.set_defaults(func=run_delete)
+
+    rep = sub.add_parser("repair", help="rebuild the run index from the run folders (damaged or emptied database)",
+                         description="Rebuild runs.sqlite from the run folders (run.json, config.json, summary.json, "
+                                     "metrics.jsonl / metrics.csv). A damaged database is kept beside it as "
+                                     "runs.sqlite.damaged-<time>; no run folder is changed.")
+    rep.add_argument("--json", action="store_true", help="print the repair report as JSON")
+    rep.set_defaults(func=run_repair)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -129,27 +136,9 @@ def run_export(args) -> int:
         return _fail(f"cannot tell the format of {out}: use a .csv or .json file or --format csv|json")
     try:
         runs = [store.find_run(ref) for ref in args.runs]
+        store.export_runs([r["id"] for r in runs], out, fmt, force=args.force, single_record=len(runs) == 1)
     except StoreError as exc:
         return _fail(str(exc))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if len(runs) == 1:
-        store.export_run(runs[0]["id"], out, fmt)
-    elif fmt == "csv":
-        with out.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["run_id", "method", "step", "epoch", "split", "task", "key", "value", "time"])
-            for run in runs:
-                for r in store.metrics(run["id"]):
-                    writer.writerow([run["id"], run["method"], r["step"], r["epoch"], r["split"], r["task"],
-                                     r["key"], r["value"], r["time"]])
-    else:
-        records = []
-        for run in runs:
-            record = dict(run)
-            record["metrics"] = [{k: r[k] for k in ("step", "epoch", "split", "task", "key", "value", "time")}
-                                 for r in store.metrics(run["id"])]
-            records.append(record)
-        out.write_text(json.dumps({"runs": records}, default=str) + "\n")
     print(f"wrote {len(runs)} run(s) to {out}")
     return 0
 
@@ -161,6 +150,8 @@ def run_delete(args) -> int:
     store = RunStore()
     try:
         runs = [store.find_run(ref) for ref in args.runs]
+        for run in runs:
+            store.run_dir(run["id"])  # a tampered id is refused before anything is deleted
     except StoreError as exc:
         return _fail(str(exc))
     for run in runs:
@@ -169,4 +160,18 @@ def run_delete(args) -> int:
     for run in runs:
         store.delete_run(run["id"])
         print(f"deleted {run['id']}")
+    return 0
+
+
+def run_repair(args) -> int:
+    from engine.store.paths import default_root
+    from engine.store.repair import repair_store
+
+    report = repair_store(default_root())
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(report["summary"])
+    for line in report["skipped"]:
+        print(f"  skipped: {line}")
     return 0

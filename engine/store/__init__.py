@@ -9,6 +9,7 @@ See ``docs/CONTRACTS.md`` ("Run store") for the API every other piece relies on.
     >>> store.set_status(run_id, "completed")
 """
 from engine.store.paths import default_root
-from engine.store.runs import RUN_KINDS, RUN_STATUSES, RunNotFound, RunStore, StoreError
+from engine.store.runs import (RUN_KINDS, RUN_STATUSES, RunNotFound, RunStore, StoreDamaged, StoreError,
+                               StoreReadOnly)
 
-__all__ = ["RunStore", "RunNotFound", "StoreError", "RUN_KINDS", "RUN_STATUSES", "default_root"]
+__all__ = ["RunStore", "RunNotFound", "StoreError", "StoreDamaged", "StoreReadOnly", "RUN_KINDS", "RUN_STATUSES", "default_root"]

@@ -3,9 +3,16 @@
 Layout under the root (``$LANCE_HOME`` or the user data dir)::
 
     runs.sqlite                  tables ``runs`` and ``metrics`` (long format)
+    runs/<run_id>/run.json       the run's record (kind, method, status, message, times, pid, job id)
     runs/<run_id>/config.json    frozen config (seed, package versions, git commit, device, ...)
     runs/<run_id>/summary.json   final figures, written by ``set_summary``
+    runs/<run_id>/metrics.jsonl  every metric row, appended as it is logged
     runs/<run_id>/checkpoint.pt  what was trained, written by the training code
+
+The database is an index of the run folders: ``lance runs repair`` (``engine.store.repair``) rebuilds
+it from them when it is damaged or emptied. Ids must match ``engine.store.ids.RUN_ID_PATTERN`` and every
+path is resolved inside ``runs/`` before use. A store on a read-only disk (or given ``read_only=True``)
+opens read-only: listing, showing and exporting work, writing raises ``StoreReadOnly``.
 
 Several processes may write at once: every write is one ``BEGIN IMMEDIATE`` transaction, SQLite
 serialises them and waits (``busy_timeout``) instead of failing, so no row is lost. A run records the
@@ -18,6 +25,7 @@ A metric value that is NaN is stored as NULL (SQLite has no NaN) and read back a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -30,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.store import files
+from engine.store.ids import BadRunId, check_prefix, check_run_id, run_folder
 from engine.store.paths import default_root
 from engine.store.procinfo import hostname, is_alive, process_start_token
 
@@ -75,6 +85,14 @@ _BUSY_TIMEOUT_S = 60.0
 
 class StoreError(Exception):
     """A run store problem the user can act on (message says what to do)."""
+
+
+class StoreReadOnly(StoreError):
+    """The store was opened read-only (a read-only disk or folder): it can be read, not written."""
+
+
+class StoreDamaged(StoreError):
+    """The database is damaged, emptied or missing while run folders exist; ``lance runs repair`` fixes it."""
 
 
 class RunNotFound(StoreError, KeyError):
@@ -123,21 +141,106 @@ class RunStore:
         mark_orphans: on open, mark ``running`` runs whose process is dead as ``interrupted``.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, *, mark_orphans: bool = True):
+    def __init__(self, root: str | os.PathLike | None = None, *, mark_orphans: bool = True,
+                 read_only: bool = False, check_index: bool = True):
         self.root = Path(root).expanduser() if root is not None else default_root()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / "runs").mkdir(exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create the run store at {self.root}: {exc}. "
-                "Set LANCE_HOME to a writable folder."
-            ) from exc
         self.db_path = self.root / "runs.sqlite"
+        self.runs_root = self.root / "runs"
         self._local = threading.local()
-        self._init_schema()
-        if mark_orphans:
+        self.read_only = bool(read_only)
+        if not self.read_only:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.runs_root.mkdir(exist_ok=True)
+            except OSError as exc:
+                if not self.db_path.is_file():
+                    raise StoreError(
+                        f"cannot create the run store at {self.root}: {exc}. "
+                        "Set LANCE_HOME to a writable folder."
+                    ) from exc
+                self.read_only = True  # an existing store on a read-only disk: read it
+        if self.read_only and not self.db_path.is_file():
+            raise StoreError(f"no run store at {self.root} (no {self.db_path.name}); "
+                             "set LANCE_HOME to the folder holding runs.sqlite")
+        if check_index:
+            self._check_index_file()
+        if not self.read_only:
+            try:
+                self._init_schema()
+            except (sqlite3.DatabaseError, StoreError) as exc:
+                cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+                if isinstance(exc, StoreDamaged):
+                    raise
+                if not (isinstance(cause, sqlite3.OperationalError) and _is_readonly_error(cause)):
+                    if isinstance(exc, StoreError):
+                        raise
+                    raise self._damaged(exc) from exc
+                self.close()
+                self.read_only = True
+        if self.read_only:
+            self._check_readable()
+        elif mark_orphans:
             self.mark_orphans_interrupted()
+
+    # ------------------------------------------------------------------ health
+    def run_folders(self) -> list[Path]:
+        """Folders under ``runs/`` whose name is a run id (anything else there is left alone)."""
+        if not self.runs_root.is_dir():
+            return []
+        from engine.store.ids import is_run_id
+
+        return sorted(p for p in self.runs_root.iterdir() if is_run_id(p.name) and p.is_dir())
+
+    def _check_index_file(self) -> None:
+        """An emptied (0-byte) or missing database beside run folders is damage, not a new store."""
+        try:
+            size = self.db_path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size:
+            return
+        folders = self.run_folders()
+        if folders:
+            what = "is empty (0 bytes)" if size == 0 else "is missing"
+            raise StoreDamaged(
+                f"the run store index {self.db_path} {what}, but {len(folders)} run folder(s) exist under "
+                f"{self.runs_root}. Nothing on disk was touched. Run `lance runs repair` to rebuild the index "
+                "from the run folders."
+            )
+
+    def _damaged(self, exc: BaseException) -> StoreDamaged:
+        return StoreDamaged(
+            f"the run store index {self.db_path} is damaged ({type(exc).__name__}: {exc}). Your run folders "
+            f"under {self.runs_root} are untouched. Run `lance runs repair` to rebuild the index from them "
+            "(the damaged file is kept beside it)."
+        )
+
+    def _check_readable(self) -> None:
+        try:
+            self._query("SELECT COUNT(*) FROM runs")
+        except StoreError:
+            raise
+        except sqlite3.DatabaseError as exc:  # pragma: no cover - _query converts
+            raise self._damaged(exc) from exc
+
+    def _query(self, sql: str, params=()) -> list[sqlite3.Row]:
+        """A read; a damaged database becomes ``StoreDamaged`` (with what to do)."""
+        try:
+            return self._connect().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc) or "malformed" in str(exc):
+                raise self._damaged(exc) from exc
+            raise StoreError(f"cannot read the run store {self.db_path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+
+    def _folder_write(self, what: str, fn):
+        """Write a file of a run folder; an OSError keeps its cause (ENOSPC, EROFS) in the message."""
+        try:
+            return fn()
+        except OSError as exc:
+            raise StoreError(f"cannot write {what}: {exc.strerror or exc} ({_errno_name(exc)}); "
+                             "free disk space or make the folder writable") from exc
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -145,36 +248,62 @@ class RunStore:
         conn = getattr(self._local, "conn", None)
         if conn is not None and getattr(self._local, "pid", None) == os.getpid():
             return conn
-        conn = sqlite3.connect(
-            self.db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
+        if self.read_only:
+            conn = _connect_read_only(self.db_path)
+        else:
+            conn = sqlite3.connect(
+                self.db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        if not self.read_only:
+            conn.execute("PRAGMA synchronous = NORMAL")
         self._local.conn = conn
         self._local.pid = os.getpid()
         return conn
 
     def _write(self, fn):
-        """Run ``fn(conn)`` in one immediate transaction; retry while another writer holds the lock."""
+        """Run ``fn(conn)`` in one immediate transaction; retry while another writer holds the lock.
+
+        A read-only store raises ``StoreReadOnly``; a full or read-only disk a ``StoreError`` that keeps
+        the cause; a damaged database ``StoreDamaged``.
+        """
+        if self.read_only:
+            raise StoreReadOnly(f"the run store {self.root} is open read-only (read-only disk or folder); "
+                                "list, show and export work, but nothing can be written: set LANCE_HOME to a "
+                                "writable folder")
         conn = self._connect()
         deadline = time.monotonic() + _BUSY_TIMEOUT_S * 2
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise StoreError(f"the run store {self.db_path} stayed locked: {exc}") from exc
-                time.sleep(0.01 + secrets.randbelow(20) / 1000)
         try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"the run store {self.db_path} stayed locked: {exc}") from exc
+                    time.sleep(0.01 + secrets.randbelow(20) / 1000)
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+        except sqlite3.OperationalError as exc:
+            if _is_readonly_error(exc) or "disk" in str(exc) or "full" in str(exc):
+                raise StoreError(f"cannot write the run store {self.db_path}: {exc}; free disk space or "
+                                 "make it writable (LANCE_HOME)") from exc
+            if "malformed" in str(exc) or "no such table" in str(exc):
+                raise self._damaged(exc) from exc
             raise
-        conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
         return result
 
     def _init_schema(self) -> None:
@@ -185,6 +314,8 @@ class RunStore:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 break
             except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
                 if time.monotonic() > deadline:
                     raise StoreError(f"cannot open the run store {self.db_path}: {exc}") from exc
                 time.sleep(0.02)
@@ -210,8 +341,14 @@ class RunStore:
 
     # ------------------------------------------------------------------ runs
     def run_dir(self, run_id: str) -> Path:
-        """``<root>/runs/<run_id>/`` (config.json, summary.json, checkpoint.pt)."""
-        return self.root / "runs" / run_id
+        """``<root>/runs/<run_id>/`` (run.json, config.json, summary.json, metrics.jsonl, checkpoint.pt).
+
+        Raises ``StoreError`` for a string that is not a run id (``../x``): no path outside the store.
+        """
+        try:
+            return run_folder(self.runs_root, run_id)
+        except BadRunId as exc:
+            raise StoreError(f"{exc}; refusing to touch any file for it") from None
 
     def checkpoint_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "checkpoint.pt"
@@ -235,9 +372,18 @@ class RunStore:
         now = time.time()
         run_id = _new_run_id()
         config_text = _dumps(config)
+        if self.read_only:
+            self._write(lambda c: None)  # raises StoreReadOnly
         run_dir = self.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(json.loads(config_text), indent=2) + "\n")
+
+        def make_folder():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            files.write_json(run_dir / files.CONFIG, json.loads(config_text))
+            files.write_json(run_dir / files.RUN_RECORD, {
+                "id": run_id, "kind": kind, "method": method, "status": "running", "message": None,
+                "created_at": now, "updated_at": now, "pid": pid, "host": hostname(), "job_id": job_id})
+
+        self._folder_write(f"the run folder {run_dir}", make_folder)
 
         def insert(conn):
             conn.execute(
@@ -249,6 +395,18 @@ class RunStore:
 
         self._write(insert)
         return run_id
+
+    def _write_record(self, run_id: str) -> None:
+        """Mirror the run's database row into ``run.json`` (what ``lance runs repair`` reads back)."""
+        rows = self._query("SELECT * FROM runs WHERE id=?", (run_id,))
+        if not rows:
+            return
+        record = {k: rows[0][k] for k in ("id", "kind", "method", "status", "message", "created_at",
+                                          "updated_at", "pid", "host", "job_id")}
+        folder = self.run_dir(run_id)
+        if folder.is_dir():
+            self._folder_write(f"{folder / files.RUN_RECORD}",
+                               lambda: files.write_json(folder / files.RUN_RECORD, record))
 
     def claim_run(self, run_id: str, pid: int | None = None, job_id: str | None = None) -> None:
         """Mark ``run_id`` as running again, owned by this process (used by ``--resume``).
@@ -263,6 +421,7 @@ class RunStore:
                 (pid, process_start_token(pid), hostname(), time.time(), job_id, run_id),
             )
         )
+        self._write_record(run_id)
 
     def set_status(self, run_id: str, status: str, message: str | None = None) -> None:
         if status not in RUN_STATUSES:
@@ -275,6 +434,7 @@ class RunStore:
         )
         if cur.rowcount == 0:
             raise RunNotFound(f"no run {run_id!r} in {self.db_path}")
+        self._write_record(run_id)
 
     def set_summary(self, run_id: str, summary: dict) -> None:
         """Store the run's summary (also written to ``summary.json`` in the run folder)."""
@@ -287,8 +447,12 @@ class RunStore:
         if cur.rowcount == 0:
             raise RunNotFound(f"no run {run_id!r} in {self.db_path}")
         run_dir = self.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(json.loads(text), indent=2) + "\n")
+
+        def write():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            files.write_json(run_dir / files.SUMMARY, json.loads(text))
+
+        self._folder_write(f"{run_dir / files.SUMMARY}", write)
 
     def update_config(self, run_id: str, updates: dict) -> dict:
         """Merge ``updates`` into the stored config (e.g. ranks known only after calibration)."""
@@ -303,7 +467,8 @@ class RunStore:
             return json.loads(text)
 
         config = self._write(merge)
-        (self.run_dir(run_id) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        path = self.run_dir(run_id) / files.CONFIG
+        self._folder_write(f"{path}", lambda: files.write_json(path, config))
         return config
 
     @staticmethod
@@ -315,7 +480,8 @@ class RunStore:
 
     def get_run(self, run_id: str) -> dict:
         """id, kind, method, status, message, config, summary, created_at, updated_at, pid, job_id."""
-        row = self._connect().execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        rows = self._query("SELECT * FROM runs WHERE id=?", (run_id,))
+        row = rows[0] if rows else None
         if row is None:
             raise RunNotFound(
                 f"no run {run_id!r} in {self.db_path}; `lance runs list` shows the stored runs"
@@ -323,11 +489,16 @@ class RunStore:
         return self._row_to_run(row)
 
     def find_run(self, prefix: str) -> dict:
-        """The run whose id is ``prefix`` or starts with it (must be unambiguous)."""
-        rows = self._connect().execute(
-            "SELECT * FROM runs WHERE id=? OR id LIKE ? ESCAPE '\\' ORDER BY created_at",
-            (prefix, prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"),
-        ).fetchall()
+        """The run whose id is ``prefix`` or starts with it (must be unambiguous).
+
+        An empty prefix (it would match every run) or one that cannot start a run id is refused.
+        """
+        try:
+            prefix = check_prefix(prefix)
+        except BadRunId as exc:
+            raise StoreError(str(exc)) from None
+        rows = self._query("SELECT * FROM runs WHERE substr(id, 1, ?)=? ORDER BY created_at",
+                           (len(prefix), prefix))
         exact = [r for r in rows if r["id"] == prefix]
         if exact:
             return self._row_to_run(exact[0])
@@ -351,18 +522,27 @@ class RunStore:
                 params.append(value)
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at, id"
-        return [self._row_to_run(r) for r in self._connect().execute(sql, params).fetchall()]
+        return [self._row_to_run(r) for r in self._query(sql, params)]
 
     def delete_run(self, run_id: str) -> None:
-        """Remove the run, its metric rows and its folder."""
-        self.get_run(run_id)
+        """Remove the run, its metric rows and its folder.
+
+        The id is checked against the id pattern and the folder resolved inside ``runs/`` *before*
+        anything is deleted: a row whose id is ``../../victim`` is refused and nothing is removed.
+        A symlinked run folder is unlinked, never followed.
+        """
+        run_id = self.get_run(run_id)["id"]
+        folder = self.run_dir(run_id)  # raises StoreError for a bad id, before any delete
 
         def delete(conn):
             conn.execute("DELETE FROM metrics WHERE run_id=?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id=?", (run_id,))
 
         self._write(delete)
-        shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+        if folder.is_symlink():
+            folder.unlink()
+        elif folder.is_dir():
+            shutil.rmtree(folder)
 
     # ------------------------------------------------------------------ metrics
     def log_metrics(self, run_id: str, rows: Iterable[dict]) -> int:
@@ -387,6 +567,7 @@ class RunStore:
             ))
         if not records:
             return 0
+        folder = self.run_dir(run_id)
         self._write(
             lambda c: c.executemany(
                 "INSERT INTO metrics (run_id, step, epoch, split, task, key, value, time)"
@@ -394,6 +575,8 @@ class RunStore:
                 records,
             )
         )
+        if folder.is_dir():
+            self._folder_write(f"{folder / files.METRICS}", lambda: files.append_rows(folder, records))
         return len(records)
 
     def metrics(
@@ -426,25 +609,19 @@ class RunStore:
             where.append("id>?")
             params.append(int(since_id))
         sql = "SELECT * FROM metrics WHERE " + " AND ".join(where) + " ORDER BY id"
-        return [dict(r) for r in self._connect().execute(sql, params).fetchall()]
+        return [dict(r) for r in self._query(sql, params)]
 
     def metric_keys(self, run_id: str) -> list[str]:
-        rows = self._connect().execute(
-            "SELECT DISTINCT key FROM metrics WHERE run_id=? ORDER BY key", (run_id,)
-        ).fetchall()
+        rows = self._query("SELECT DISTINCT key FROM metrics WHERE run_id=? ORDER BY key", (run_id,))
         return [r["key"] for r in rows]
 
     def count_metrics(self, run_id: str | None = None) -> int:
         if run_id is None:
-            return self._connect().execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
-        return self._connect().execute(
-            "SELECT COUNT(*) FROM metrics WHERE run_id=?", (run_id,)
-        ).fetchone()[0]
+            return self._query("SELECT COUNT(*) FROM metrics")[0][0]
+        return self._query("SELECT COUNT(*) FROM metrics WHERE run_id=?", (run_id,))[0][0]
 
     def last_step(self, run_id: str) -> int | None:
-        return self._connect().execute(
-            "SELECT MAX(step) FROM metrics WHERE run_id=?", (run_id,)
-        ).fetchone()[0]
+        return self._query("SELECT MAX(step) FROM metrics WHERE run_id=?", (run_id,))[0][0]
 
     def truncate_metrics(self, run_id: str, after_step: int) -> int:
         """Delete rows with ``step > after_step`` (resume from a checkpoint taken at that step)."""
@@ -453,6 +630,8 @@ class RunStore:
                 "DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, int(after_step))
             )
         )
+        folder = self.run_dir(run_id)
+        self._folder_write(f"{folder / files.METRICS}", lambda: files.truncate_rows(folder, int(after_step)))
         return cur.rowcount
 
     # ------------------------------------------------------------------ faults
@@ -463,9 +642,9 @@ class RunStore:
         here). Returns the ids that were marked.
         """
         here = hostname()
-        rows = self._connect().execute(
-            "SELECT id, pid, pid_start, host FROM runs WHERE status='running'"
-        ).fetchall()
+        if self.read_only:
+            return []
+        rows = self._query("SELECT id, pid, pid_start, host FROM runs WHERE status='running'")
         marked = []
         for row in rows:
             if row["host"] not in (None, here):
@@ -488,32 +667,98 @@ class RunStore:
             )
             if cur.rowcount:
                 marked.append(row["id"])
+                try:
+                    self._write_record(row["id"])
+                except StoreError:
+                    pass  # a bad id or an unwritable folder: the database row is what counts here
         return marked
 
     # ------------------------------------------------------------------ export
-    def export_run(self, run_id: str, path: str | os.PathLike, fmt: str | None = None) -> Path:
+    def is_store_file(self, path: str | os.PathLike) -> bool:
+        """True for the database, its -wal/-shm/-journal files and anything inside the store folder."""
+        target = Path(path).expanduser().resolve()
+        root = self.root.resolve()
+        return target == root or root in target.parents
+
+    def export_run(self, run_id: str, path: str | os.PathLike, fmt: str | None = None, *,
+                   force: bool = False) -> Path:
         """Write the run (CSV: its metric rows; JSON: run record plus rows) to ``path``.
 
-        ``fmt`` is ``"csv"`` or ``"json"``; None -> from the file suffix.
+        ``fmt`` is ``"csv"`` or ``"json"``; None -> from the file suffix. See ``export_runs``.
         """
-        path = Path(path)
+        return self.export_runs([run_id], path, fmt, force=force, single_record=True)
+
+    def export_runs(self, run_ids: list[str], path: str | os.PathLike, fmt: str | None = None, *,
+                    force: bool = False, single_record: bool = False) -> Path:
+        """Write several runs to one CSV (rows, a ``run_id`` column) or JSON (``{"runs": [...]}``) file.
+
+        Refuses a path inside the store (its database would be overwritten) and an existing file
+        unless ``force``; writes a temporary file beside ``path`` and renames it, so a failed export
+        leaves no partial file and an old file is replaced only by a whole new one.
+        """
+        path = Path(path).expanduser()
         fmt = (fmt or path.suffix.lstrip(".") or "json").lower()
-        run = self.get_run(run_id)
-        rows = self.metrics(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "csv":
-            with path.open("w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["run_id", "method", "step", "epoch", "split", "task", "key", "value", "time"])
-                for r in rows:
-                    writer.writerow([run_id, run["method"], r["step"], r["epoch"], r["split"],
-                                     r["task"], r["key"], r["value"], r["time"]])
-        elif fmt == "json":
-            record = dict(run)
-            record["metrics"] = [
-                {k: r[k] for k in ("step", "epoch", "split", "task", "key", "value", "time")} for r in rows
-            ]
-            path.write_text(_dumps(record) + "\n")
-        else:
+        if fmt not in ("csv", "json"):
             raise StoreError(f"unknown export format {fmt!r}; use csv or json")
+        if self.is_store_file(path):
+            raise StoreError(f"refusing to export into the run store itself ({path} is inside {self.root}); "
+                             "write the export somewhere else")
+        if path.is_dir():
+            raise StoreError(f"{path} is a folder; give a file name, e.g. {path / ('runs.' + fmt)}")
+        if path.exists() and not force:
+            raise StoreError(f"{path} already exists; pass --force to replace it, or choose another file")
+        return self._export(run_ids, path, fmt, single_record and len(run_ids) == 1)
+
+    def write_metrics_csv(self, run_id: str) -> Path:
+        """The run's rows as ``metrics.csv`` in its own folder (replaced atomically)."""
+        return self._export([run_id], self.run_dir(run_id) / "metrics.csv", "csv", True)
+
+    def _export(self, run_ids: list[str], path: Path, fmt: str, single: bool) -> Path:
+        runs = [self.get_run(r) for r in run_ids]
+        if fmt == "csv":
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(["run_id", "method", "step", "epoch", "split", "task", "key", "value", "time"])
+            for run in runs:
+                for r in self.metrics(run["id"]):
+                    writer.writerow([run["id"], run["method"], r["step"], r["epoch"], r["split"],
+                                     r["task"], r["key"], r["value"], r["time"]])
+            text = buffer.getvalue()
+        else:
+            records = []
+            for run in runs:
+                record = dict(run)
+                record["metrics"] = [{k: r[k] for k in ("step", "epoch", "split", "task", "key", "value", "time")}
+                                     for r in self.metrics(run["id"])]
+                records.append(record)
+            text = _dumps(records[0] if single else {"runs": records}) + "\n"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.atomic_write_text(path, text)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc} ({_errno_name(exc)}); nothing was "
+                             "written there") from exc
         return path
+
+
+def _is_readonly_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "readonly" in text or "read-only" in text or "unable to open" in text
+
+
+def _errno_name(exc: OSError) -> str:
+    import errno
+
+    return errno.errorcode.get(exc.errno, "?") if exc.errno else type(exc).__name__
+
+
+def _connect_read_only(db_path: Path) -> sqlite3.Connection:
+    """Open ``db_path`` read-only: ``mode=ro``, or ``immutable=1`` where not even the WAL index can be made."""
+    uri = db_path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)

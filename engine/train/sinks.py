@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from engine.store import StoreError
 from engine.train.events import EpochEnded, Event, RunEnded, RunStarted, StepEnded
 
 
@@ -50,9 +51,9 @@ class StoreSink:
             self.store.set_summary(self.run_id, event.summary)
             self.store.set_status(self.run_id, event.status, event.message)
             try:
-                self.store.export_run(self.run_id, self.store.run_dir(self.run_id) / "metrics.csv")
-            except OSError:
-                pass
+                self.store.write_metrics_csv(self.run_id)
+            except (OSError, StoreError):
+                pass  # the CSV copy is a convenience; the rows are in the store and metrics.jsonl
 
 
 def _fmt_bytes(n: float | None) -> str:
