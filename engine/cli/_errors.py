@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -47,7 +47,7 @@ def bad_input_types() -> tuple[type, ...]:
     try:
         from engine.models import WeightsMissing
     except ImportError:  # pragma: no cover
-        WeightsMissing = _Never  # noqa: N806
+        WeightsMissing = _Never
     return (ConfigError, BudgetError, DatasetMissing, WeightsMissing, StoreError)
 
 
@@ -74,7 +74,7 @@ def run_guarded(func: Callable, args, prog: str = "lance") -> int:
             raise
         print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback for LANCE_DEBUG=1
+    except Exception as exc:  # a bug: say so, keep the traceback for LANCE_DEBUG=1
         if debug():
             raise
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}\n"

@@ -9,7 +9,14 @@ See ``docs/CONTRACTS.md`` ("Run store") for the API every other piece relies on.
     >>> store.set_status(run_id, "completed")
 """
 from engine.store.paths import default_root
-from engine.store.runs import (RUN_KINDS, RUN_STATUSES, RunNotFound, RunStore, StoreDamaged, StoreError,
-                               StoreReadOnly)
+from engine.store.runs import (
+                               RUN_KINDS,
+                               RUN_STATUSES,
+                               RunNotFound,
+                               RunStore,
+                               StoreDamaged,
+                               StoreError,
+                               StoreReadOnly,
+)
 
-__all__ = ["RunStore", "RunNotFound", "StoreError", "StoreDamaged", "StoreReadOnly", "RUN_KINDS", "RUN_STATUSES", "default_root"]
+__all__ = ["RUN_KINDS", "RUN_STATUSES", "RunNotFound", "RunStore", "StoreDamaged", "StoreError", "StoreReadOnly", "default_root"]

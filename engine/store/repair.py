@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.store import files
@@ -73,7 +73,7 @@ def _salvage(db_path: Path) -> dict[str, dict]:
 
 
 def _move_aside(db_path: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     target = db_path.with_name(f"{db_path.name}.damaged-{stamp}")
     n = 1
     while target.exists():
@@ -109,7 +109,7 @@ def _csv_rows(path: Path) -> list[dict]:
 
 def _created_at(run_id: str, folder: Path) -> float:
     try:
-        return datetime.strptime(run_id[:15], "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(run_id[:15], "%Y%m%d-%H%M%S").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return folder.stat().st_mtime
 
@@ -161,18 +161,19 @@ def repair_store(root: str | Path) -> dict:
         created = float(record.get("created_at") or _created_at(run_id, folder))
         updated = float(record.get("updated_at") or created)
 
-        def insert(conn, run_id=run_id, rows=rows):
+        run_row = (run_id, kind, method, status, message, _dumps(config),
+                   None if summary is None else _dumps(summary), created, updated, record.get("pid"), None,
+                   record.get("host"), record.get("job_id"))
+        metric_rows = [(run_id, r.get("step"), r.get("epoch"), r.get("split"), r.get("task"), str(r["key"]),
+                        r.get("value"), float(r.get("time") or updated)) for r in rows]
+
+        def insert(conn, run_row=run_row, metric_rows=metric_rows):
             conn.execute(
                 "INSERT INTO runs (id, kind, method, status, message, config, summary, created_at,"
-                " updated_at, pid, pid_start, host, job_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, kind, method, status, message, _dumps(config),
-                 None if summary is None else _dumps(summary), created, updated, record.get("pid"), None,
-                 record.get("host"), record.get("job_id")))
+                " updated_at, pid, pid_start, host, job_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", run_row)
             conn.executemany(
                 "INSERT INTO metrics (run_id, step, epoch, split, task, key, value, time)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                [(run_id, r.get("step"), r.get("epoch"), r.get("split"), r.get("task"), str(r["key"]),
-                  r.get("value"), float(r.get("time") or updated)) for r in rows])
+                " VALUES (?,?,?,?,?,?,?,?)", metric_rows)
 
         store._write(insert)
         restored.append(run_id)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from engine.store import files
-from engine.store.ids import BadRunId, check_prefix, check_run_id, run_folder
+from engine.store.ids import BadRunId, check_prefix, is_run_id, run_folder
 from engine.store.paths import default_root
 from engine.store.procinfo import hostname, is_alive, process_start_token
 
@@ -187,8 +187,6 @@ class RunStore:
         """Folders under ``runs/`` whose name is a run id (anything else there is left alone)."""
         if not self.runs_root.is_dir():
             return []
-        from engine.store.ids import is_run_id
-
         return sorted(p for p in self.runs_root.iterdir() if is_run_id(p.name) and p.is_dir())
 
     def _check_index_file(self) -> None:
@@ -647,7 +645,7 @@ class RunStore:
         rows = self._query("SELECT id, pid, pid_start, host FROM runs WHERE status='running'")
         marked = []
         for row in rows:
-            if row["host"] not in (None, here):
+            if row["host"] not in (None, here) or not is_run_id(row["id"]):
                 continue
             if is_alive(row["pid"], row["pid_start"]):
                 continue
