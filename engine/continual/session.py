@@ -18,7 +18,8 @@ import torch
 from .learner import ContinualConfig, ContinualLearner
 from .runner import TaskRecord, peak_over, run_sequence, task_rows
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: tensors and plain data only (weights_only=True)
+CHECKPOINT_FORMAT = "lance-continual"
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
     def on_task_end(record: TaskRecord, lrn: ContinualLearner) -> None:
         records.append(record)
         store.log_metrics(run_id, task_rows(record))
-        torch.save({"version": CHECKPOINT_VERSION, "model": lrn.model.state_dict(), "next_task": record.task + 1,
+        torch.save({"version": CHECKPOINT_VERSION, "format": CHECKPOINT_FORMAT, "model": lrn.model.state_dict(), "next_task": record.task + 1,
                     "records": [r.to_dict() for r in records], "spec": spec.to_dict(method)}, checkpoint)
         store.set_summary(run_id, run_summary(run_id, method, records, config))
         if stream is not None:
@@ -184,7 +185,12 @@ def resume_method(store, run_ref: str, stream=sys.stdout, meter_factory: Callabl
     if not path.is_file():
         raise ValueError(f"run {run['id']} has no checkpoint at {path} (it stopped before finishing its first "
                          "task); start a new run instead")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from engine.train.checkpoint import CheckpointRefused, load_tensors_only
+
+    try:
+        state = load_tensors_only(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    except CheckpointRefused as exc:
+        raise ValueError(str(exc)) from None
     spec, method = SequenceSpec.from_dict(state["spec"])
     records = [TaskRecord(**r) for r in state["records"]]
     tasks = load_tasks(spec)

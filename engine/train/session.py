@@ -502,6 +502,8 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
         else:
             run_id = existing
             store.claim_run(run_id, job_id=job_id)
+            if store.get_run(run_id)["config"].get("epochs") != config.epochs:
+                store.update_config(run_id, {"epochs": config.epochs})  # the stored config says what ran
         run_sinks = [StoreSink(store, run_id), *extra_sinks]
         log(f"[{method}] run {run_id}")
         try:
@@ -553,6 +555,13 @@ def resume_config(store, run_id: str, epochs: int | None = None) -> FinetuneConf
     if not (store.checkpoint_path(run["id"])).is_file():
         raise ConfigError(f"run {run['id']} has no checkpoint (it stopped before its first epoch ended); "
                           "start a new run instead")
+    ckpt = load_checkpoint(store.checkpoint_path(run["id"]))  # refuses a foreign or planted file up front
+    done = int(ckpt.get("epoch", 0))
+    if config.epochs <= done:
+        stored = int(run["config"].get("epochs", config.epochs))
+        raise ConfigError(f"run {run['id']} has finished {done} of its {stored} epochs; --epochs {config.epochs} "
+                          f"would train none. Give --epochs N with N > {done} (or leave it out to finish the "
+                          f"stored {stored})")
     return config
 
 
