@@ -127,13 +127,14 @@ def print_table(runs: list[dict], stream=sys.stdout) -> None:
 def run(args) -> int:
     import torch
 
-    from engine.continual.session import load_tasks, resume_method, run_method
+    from engine.continual.session import ContinualRunFailed, load_tasks, resume_method, run_method
     from engine.data.errors import DatasetMissing
     from engine.store import RunStore, StoreError
 
     stream = None if args.quiet else sys.stderr
     try:
         store = RunStore()
+        failures = []
         if args.resume:
             summaries = [resume_method(store, args.resume, stream=stream)]
         else:
@@ -142,15 +143,25 @@ def run(args) -> int:
             if spec.device.startswith("cuda") and not torch.cuda.is_available():
                 raise ValueError(f"--device {spec.device} asked for, but no CUDA device is available; use --device cpu")
             tasks = load_tasks(spec)
-            summaries = [run_method(store, spec, m, tasks=tasks, job_id=args.job_id, stream=stream) for m in methods]
+            summaries, failures = [], []
+            for m in methods:  # one method failing (nan, linalg, data) does not stop the next one
+                try:
+                    summaries.append(run_method(store, spec, m, tasks=tasks, job_id=args.job_id, stream=stream))
+                except ContinualRunFailed as exc:
+                    failures.append(exc)
+                    print(f"lance continual: {exc}", file=sys.stderr)
+    except ContinualRunFailed as exc:  # --resume of one run
+        print(f"lance continual: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lance continual: interrupted; the run is marked interrupted and can be resumed with --resume",
               file=sys.stderr)
         return 130
     except (ValueError, DatasetMissing, StoreError) as exc:
         return _fail(str(exc))
-    if not args.quiet:
+    if not args.quiet and summaries:
         print_table(summaries, stream=sys.stderr)
     if args.json:
-        _write_json(args.json, {"runs": summaries})
-    return 0
+        _write_json(args.json, {"runs": summaries, "failed": [
+            {"run_id": f.run_id, "method": f.method, "status": "failed", "message": f.message} for f in failures]})
+    return 1 if failures else 0

@@ -165,6 +165,8 @@ def run(args) -> int:
         if args.json:
             _write_json(args.json, {"runs": [], "error": str(exc)})
         return code
+    except StoreError as exc:  # the store could not be written (disk full, read-only): a failure, exit 1
+        return _fail("finetune", str(exc), code=1)
     finally:
         if args.json and results:
             _write_json(args.json, summary_for_json(results))

@@ -6,6 +6,7 @@ rows after every task, status, summary) and the checkpoint that lets a sequence 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -14,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from engine.train.faults import TrainingDiverged
 
 from .learner import ContinualConfig, ContinualLearner
 from .metrics import summarize
@@ -151,6 +154,10 @@ def run_sequence(
                 with meter:
                     logits = model(x, t)
                     loss = F.cross_entropy(logits, y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):  # like fine-tuning: stop with advice, never report NULL losses
+                    raise TrainingDiverged(step + 1, epoch, loss_value, lr=config.lr, method=config.method,
+                                           continual=True)
                 loss.backward()
                 if meter_factory is not None:
                     peak_layer = max(peak_layer, int(meter.layer_activation_bytes))
@@ -158,7 +165,7 @@ def run_sequence(
                 learner.after_backward()
                 optimizer.step()
                 step += 1
-                ep_loss += float(loss.detach()) * y.numel()
+                ep_loss += loss_value * y.numel()
                 correct += int((logits.argmax(1) == y).sum())
                 total += int(y.numel())
             if total == 0:

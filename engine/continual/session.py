@@ -22,6 +22,14 @@ CHECKPOINT_VERSION = 2  # 2: tensors and plain data only (weights_only=True)
 CHECKPOINT_FORMAT = "lance-continual"
 
 
+class ContinualRunFailed(RuntimeError):
+    """One method's run failed (marked ``failed`` in the store where it could be); the message says why."""
+
+    def __init__(self, run_id: str, method: str, message: str):
+        self.run_id, self.method, self.message = run_id, method, message
+        super().__init__(f"[{method}] run {run_id} failed: {message}")
+
+
 @dataclass
 class SequenceSpec:
     """What defines a task sequence and its training (shared by every method of one comparison)."""
@@ -145,8 +153,14 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
                          f"continue with: lance continual --resume {run_id}")
         raise
     except Exception as exc:
-        store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
-        raise
+        from engine.train.faults import explain_failure
+
+        message = explain_failure(exc, lr=config.lr)  # continual has no --budget: lr advice only
+        try:
+            store.set_status(run_id, "failed", message)
+        except Exception as store_exc:  # the store itself failed (disk full, read-only): keep both causes
+            message += f"; the run store could not record this failure: {store_exc}"
+        raise ContinualRunFailed(run_id, method, message) from exc
     store.set_status(run_id, "completed")
     summary = run_summary(run_id, method, records, config)
     store.set_summary(run_id, summary)

@@ -9,11 +9,15 @@ import threading
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf. The message says at which step and what to try."""
 
-    def __init__(self, step: int, epoch: int, value: float, lr: float | None = None, method: str | None = None):
+    def __init__(self, step: int, epoch: int, value: float, lr: float | None = None, method: str | None = None,
+                 continual: bool = False):
         self.step, self.epoch, self.value = step, epoch, value
-        hints = [f"a lower --lr (now {lr:g})" if lr is not None else "a lower --lr",
-                 "a smaller --grad-clip"]
-        if method in ("asi", "lance"):
+        hints = [f"a lower --lr (now {lr:g})" if lr is not None else "a lower --lr"]
+        if continual:
+            hints.append("--momentum 0")
+        else:
+            hints.append("a smaller --grad-clip")
+        if method in ("asi", "lance") and not continual:
             hints.append("a larger --budget or --eps (more rank)")
         if method == "hosvd":
             hints.append("a larger --eps")
@@ -21,6 +25,34 @@ class TrainingDiverged(RuntimeError):
             f"loss became {value} at step {step} (epoch {epoch + 1}); the run stopped there. "
             f"Try {', '.join(hints)}, or check the data for broken images."
         )
+
+
+def is_numerical_failure(exc: BaseException) -> bool:
+    """A linear-algebra or non-finite-value error: what a diverging run raises inside SVD/eigh/QR."""
+    import torch
+
+    if isinstance(exc, (torch.linalg.LinAlgError, TrainingDiverged)):
+        return True
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(s in text for s in ("linalg", "lapack", "svd", "eigh", "did not converge"))
+
+
+def explain_failure(exc: BaseException, lr: float | None = None, method: str | None = None) -> str:
+    """The message a failed run keeps: the advice for a diverged run, else ``Type: message`` (+ errno name)."""
+    if isinstance(exc, TrainingDiverged):
+        return str(exc)
+    cause = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.errno:
+        import errno
+
+        cause += f" ({errno.errorcode.get(exc.errno, exc.errno)})"
+    if is_numerical_failure(exc):
+        lr_text = f" (now {lr:g})" if lr is not None else ""
+        extra = ", a larger --eps or --budget" if method in ("asi", "lance", "hosvd") else ""
+        return (f"a linear-algebra step failed, most likely because the loss became nan/inf and the activations "
+                f"are no longer finite; the run stopped there. Try a lower --lr{lr_text}{extra}, or check the data "
+                f"for broken images. Cause: {cause}")
+    return cause
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import statistics
 import time
 import traceback
@@ -32,7 +33,7 @@ from engine.train.data import (
     seeded_subset,
 )
 from engine.train.events import RunEnded, emit_all
-from engine.train.faults import TrainingDiverged, interrupt_on_sigterm
+from engine.train.faults import TrainingDiverged, explain_failure, interrupt_on_sigterm
 from engine.train.loop import LoopState, fit
 from engine.train.provenance import provenance
 from engine.train.sinks import StoreSink
@@ -516,7 +517,7 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
                 results.append(_train_method(bench, method, run_id, store, run_sinks, resume=existing is not None,
                                              plans=plans))
         except TrainingDiverged as exc:
-            results.append(_finish(store, run_id, run_sinks, "failed", str(exc)))
+            results.append(_finish_safely(store, run_id, run_sinks, "failed", str(exc), method, log))
         except KeyboardInterrupt as exc:
             step = store.last_step(run_id)
             reason = str(exc) or "stopped by Ctrl-C"
@@ -526,16 +527,35 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
             else:
                 hint = "no epoch had finished, so there is no checkpoint to resume from"
             message = f"{reason} {where}; every metric so far is kept; {hint}"
-            results.append(_finish(store, run_id, run_sinks, "interrupted", message))
+            results.append(_finish_safely(store, run_id, run_sinks, "interrupted", message, method, log))
             break
         except ConfigError as exc:  # found only now (e.g. an infeasible budget): this run fails, go on
-            result = _finish(store, run_id, run_sinks, "failed", str(exc))
+            result = _finish_safely(store, run_id, run_sinks, "failed", str(exc), method, log)
             result.bad_argument = True
             results.append(result)
         except Exception as exc:  # noqa: BLE001 - a crash fails this run, the next method still runs
-            log(traceback.format_exc())
-            results.append(_finish(store, run_id, run_sinks, "failed", f"{type(exc).__name__}: {exc}"))
+            if os.environ.get("LANCE_DEBUG"):
+                log(traceback.format_exc())
+            message = explain_failure(exc, lr=config.lr, method=method)
+            results.append(_finish_safely(store, run_id, run_sinks, "failed", message, method, log))
     return results
+
+
+def _finish_safely(store, run_id: str, sinks: list, status: str, message: str, method: str,
+                   log: Callable[[str], None]) -> RunResult:
+    """``_finish``, but a store that cannot be written (disk full, read-only) never hides ``message``:
+    the result keeps the run's own cause plus the store's, and both are logged."""
+    try:
+        return _finish(store, run_id, sinks, status, message)
+    except Exception as store_exc:  # noqa: BLE001 - the failure handler must not fail
+        full = f"{message}; the run store could not record this: {store_exc}"
+        log(f"[{method}] run {run_id} {status}: {full}")
+        try:
+            summary = summarize(store.metrics(run_id))
+        except Exception:  # noqa: BLE001
+            summary = {}
+        summary["status"] = status
+        return RunResult(run_id, method, status, full, summary)
 
 
 def resume_config(store, run_id: str, epochs: int | None = None) -> FinetuneConfig:
