@@ -159,6 +159,9 @@ class RunStore:
                         "Set LANCE_HOME to a writable folder."
                     ) from exc
                 self.read_only = True  # an existing store on a read-only disk: read it
+        if not self.read_only and self.db_path.is_file() and not (
+                os.access(self.db_path, os.W_OK) and os.access(self.root, os.W_OK)):
+            self.read_only = True  # access(2) reports EROFS even to root; chmod to everyone else
         if self.read_only and not self.db_path.is_file():
             raise StoreError(f"no run store at {self.root} (no {self.db_path.name}); "
                              "set LANCE_HOME to the folder holding runs.sqlite")
