@@ -117,21 +117,21 @@ def test_symlinked_run_folder_is_unlinked_not_followed(tmp_path):
 @contextlib.contextmanager
 def _bind_read_only(src: Path, view: Path):
     view.mkdir()
-    done = subprocess.run(["mount", "--bind", str(src), str(view)], capture_output=True)
+    done = subprocess.run(["mount", "--bind", str(src), str(view)], check=False, capture_output=True)
     if done.returncode != 0:
         view.rmdir()
         pytest.skip(f"cannot bind-mount here ({done.stderr.decode().strip()}); root ignores chmod, so no "
                     "read-only folder can be made")
     try:
-        if subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], capture_output=True).returncode != 0:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=False, capture_output=True).returncode != 0:
             pytest.skip("cannot remount read-only here")
         yield view
     finally:
         import gc
 
         gc.collect()  # close stores (their sqlite connections) opened on the view
-        if subprocess.run(["umount", str(view)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(view)], capture_output=True)
+        if subprocess.run(["umount", str(view)], check=False, capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(view)], check=False, capture_output=True)
         view.rmdir()
 
 
@@ -252,6 +252,6 @@ def test_show_into_a_closed_pipe_prints_no_traceback():
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     cmd = (f"{sys.executable} -m engine runs show {run_id} | head -1; "
            f"{sys.executable} -m engine runs list | head -c 10")
-    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(["bash", "-c", cmd], check=False, capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.startswith("run      ") and "Traceback" not in done.stderr
     assert "BrokenPipe" not in done.stderr, done.stderr
