@@ -37,8 +37,8 @@ def check_prefix(text: object) -> str:
                        "see `lance runs list`")
     prefix = text.strip()
     if not _PREFIX_RE.match(prefix):
-        raise BadRunId(f"{text!r} is not a run id or the start of one (ids look like 20261202-112718-8e1bd8; "
-                       "see `lance runs list`)")
+        raise BadRunId(f"no run {text!r}: that is not a run id or the start of one (ids look like "
+                       "20261202-112718-8e1bd8; see `lance runs list`)")
     return prefix
 
 
