@@ -123,7 +123,8 @@ def _bind_read_only(src: Path, view: Path):
         pytest.skip(f"cannot bind-mount here ({done.stderr.decode().strip()}); root ignores chmod, so no "
                     "read-only folder can be made")
     try:
-        if subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=False, capture_output=True).returncode != 0:
+        remount = ["mount", "-o", "remount,ro,bind", str(view)]
+        if subprocess.run(remount, check=False, capture_output=True).returncode != 0:
             pytest.skip("cannot remount read-only here")
         yield view
     finally:

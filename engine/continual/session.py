@@ -133,7 +133,8 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
     def on_task_end(record: TaskRecord, lrn: ContinualLearner) -> None:
         records.append(record)
         store.log_metrics(run_id, task_rows(record))
-        torch.save({"version": CHECKPOINT_VERSION, "format": CHECKPOINT_FORMAT, "model": lrn.model.state_dict(), "next_task": record.task + 1,
+        torch.save({"version": CHECKPOINT_VERSION, "format": CHECKPOINT_FORMAT, "model": lrn.model.state_dict(),
+                    "next_task": record.task + 1,
                     "records": [r.to_dict() for r in records], "spec": spec.to_dict(method)}, checkpoint)
         store.set_summary(run_id, run_summary(run_id, method, records, config))
         if stream is not None:

@@ -19,4 +19,5 @@ from engine.store.runs import (
                                StoreReadOnly,
 )
 
-__all__ = ["RUN_KINDS", "RUN_STATUSES", "RunNotFound", "RunStore", "StoreDamaged", "StoreError", "StoreReadOnly", "default_root"]
+__all__ = ["RUN_KINDS", "RUN_STATUSES", "RunNotFound", "RunStore", "StoreDamaged", "StoreError", "StoreReadOnly",
+           "default_root"]
