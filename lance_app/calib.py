@@ -1,26 +1,48 @@
-"""Calibration for the Spectra and Budget pages: controls, a cached engine call, a flat view of it.
+"""Calibration and plans for the Spectra and Budget pages: controls, a cached engine call, a flat view of
+it, and the plan the Fine-tune job trains.
 
 ``engine.calibration.calibrate`` builds its own model and data and caches its JSON under
 ``$LANCE_HOME/cache/calibration``; here the result dict is also kept in ``st.cache_data`` so a page
 rerun does not even read the file. Calibration runs forward/backward passes once under no training,
-in the script thread, with a progress bar (small-cnn on digits: about a second).
+in the script thread, with a progress bar (small-cnn on digits: about a second). The controls default
+to ``lance calibrate``'s own settings (its 12-ε grid, 2 batches of 64), so the page shows what the CLI
+and a plain ``lance finetune --budget`` compute.
+
+Plans (engine.calibration.plan), for the Budget page's "train this plan":
+
+- :func:`solve_plan` ``(calibration, budget_bytes, batch_size) -> Plan``: the exact rank choice for
+  training batches of ``batch_size`` (bytes recomputed at that batch size);
+- :func:`save_plan` ``(plan, path=None) -> Path``: writes the plan file (default under
+  ``$LANCE_HOME/plans/``);
+- :func:`plan_finetune_args` ``(plan_path, plan) -> [...]``: the ``lance finetune`` arguments that train
+  exactly it with ASI and LANCE (``--ranks PLAN.json --batch-size B``);
+- :func:`budget_finetune_args`: the arguments of a plain budget (applies to ASI *and* LANCE).
 """
 from __future__ import annotations
 
 import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
 
 import streamlit as st
 
+from engine.calibration import DEFAULT_EPS_GRID  # `lance calibrate`'s grid: the page shows what the CLI computes
+from engine.calibration import plan as plan_mod
+from engine.calibration.cache import lance_home
 from lance_app.catalog import Unavailable, engine_attr, engine_attr_any
 from lance_app.state import show_error
 
-DEFAULT_EPS_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+DEFAULT_CALIBRATION_BATCHES = 2      # `lance calibrate --batches` default
+DEFAULT_CALIBRATION_BATCH_SIZE = 64  # `lance calibrate --batch-size` default
 ELEMENT_BYTES = 4
+Plan = plan_mod.Plan
 
 
 def calibration_controls(page: str) -> dict:
     """Batches, batch size and ε grid (shared by the Spectra and Budget pages)."""
-    params = st.session_state.setdefault("calib_params", {"batches": 2, "batch_size": 64,
+    params = st.session_state.setdefault("calib_params", {"batches": DEFAULT_CALIBRATION_BATCHES,
+                                                         "batch_size": DEFAULT_CALIBRATION_BATCH_SIZE,
                                                          "eps": ",".join(f"{e:g}" for e in DEFAULT_EPS_GRID)})
     with st.expander("Calibration settings", expanded=False):
         c1, c2, c3 = st.columns([1, 1, 3])
@@ -129,3 +151,57 @@ def calibration_view(cfg: dict, params: dict) -> dict | None:
                + (" · from cache" if view["from_cache"] else
                   f" · {t.get('total_s', 0):.1f} s" if t.get("total_s") else ""))
     return view
+
+
+# -- plans: what the Fine-tune job trains ------------------------------------------------------------
+def solve_plan(calibration: dict, budget_bytes: int | str, batch_size: int) -> Plan:
+    """The exact plan for ``budget_bytes`` at training batches of ``batch_size`` (engine.calibration.plan).
+
+    ``calibration``: the calibration dict (``view["result"]``, or a ``CalibrationResult``). Bytes are those
+    ASI and LANCE store at ``batch_size``; ``plan.plan_total_bytes <= budget``. Raises ``InfeasibleBudget``
+    (a ``ValueError`` whose message states the least budget that fits), ``BudgetError`` for an unreadable
+    budget string.
+    """
+    return plan_mod.solve_plan(calibration, budget_bytes, int(batch_size), source="app Budget page")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-")[:40] or "plan"
+
+
+def save_plan(plan: Plan, path: str | Path | None = None) -> Path:
+    """Write ``plan`` as JSON and return its path: ``path``, or a new file under ``$LANCE_HOME/plans/``
+    named ``<UTC time>-<backbone>-<budget bytes>B-b<batch size>.json``."""
+    if path is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        name = f"{stamp}-{_slug(plan.backbone or 'model')}-{plan.budget_bytes}B-b{plan.batch_size}.json"
+        path = lance_home() / "plans" / name
+    return plan.save(path)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file (raises ``PlanError``, a ``ValueError``, with what to do)."""
+    return plan_mod.load_plan(path)
+
+
+def plan_finetune_args(plan_path: str | Path, plan: Plan | None = None) -> list[str]:
+    """``lance finetune`` arguments that train exactly this plan with ASI and LANCE.
+
+    Add them to the job's arguments instead of ``--budget``/``--eps lance=…``/``--batch-size``: the plan
+    fixes the ranks and the batch size (the run refuses a plan of another backbone, other layers or
+    another batch size, with exit status 2 and no run created).
+    """
+    plan = plan or load_plan(plan_path)
+    return ["--ranks", str(plan_path), "--batch-size", str(plan.batch_size)]
+
+
+def budget_finetune_args(budget: str, methods: list[str], calibration_path: str | Path | None = None) -> list[str]:
+    """Arguments of a plain budget: one value, so it applies to ASI *and* LANCE (``[]`` when neither runs or
+    the budget is empty). Without ``calibration_path`` the run calibrates once with ``lance calibrate``'s
+    defaults; LANCE must then get no ``--eps``."""
+    if not str(budget).strip() or not {"asi", "lance"} & set(methods):
+        return []
+    args = ["--budget", str(budget).strip()]
+    if calibration_path is not None:
+        args += ["--calibration", str(calibration_path)]
+    return args

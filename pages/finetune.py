@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lance_app import figures
+from lance_app.calib import budget_finetune_args
 from lance_app.catalog import Unavailable, engine_attr
 from lance_app.live import POLL_S, job_progress, steps_per_run
 from lance_app.state import METHODS, attach_job, attached_job, job_runner, setup_config, show_error
@@ -32,7 +33,8 @@ with st.form("finetune_form"):
     submitted = st.form_submit_button("Start fine-tuning", type="primary")
 
 budget_error = None
-if submitted and budget.strip() and "asi" in methods:
+planned = budget_finetune_args(budget, methods)  # a plain --budget: ASI and LANCE train the same plan
+if submitted and planned:
     try:
         engine_attr("engine.calibration", "parse_budget")(budget.strip())
     except ValueError as exc:
@@ -50,11 +52,11 @@ if submitted:
                 "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(cfg["seed"])]
         if limit_train:
             args += ["--limit-train", str(limit_train)]
-        eps = [f"{m}={eps_hosvd if m == 'hosvd' else eps_lance:g}" for m in methods if m in ("hosvd", "lance")]
+        eps = [f"{m}={eps_hosvd if m == 'hosvd' else eps_lance:g}" for m in methods
+               if m == "hosvd" or (m == "lance" and not planned)]
         if eps:
             args += ["--eps", ",".join(eps)]
-        if budget.strip() and "asi" in methods:
-            args += ["--budget", f"asi={budget.strip()}"]
+        args += planned
         if cfg.get("resolution"):
             args += ["--resolution", str(cfg["resolution"])]
         try:

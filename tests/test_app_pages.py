@@ -105,7 +105,9 @@ def test_spectra_page_draws_energy_heatmap_and_perplexity(calibrated_home, monke
         assert trace["y"][-1] == pytest.approx(1.0, abs=1e-6)
         assert all(b >= a - 1e-12 for a, b in zip(trace["y"], trace["y"][1:]))
     heat = figs["compression factor per layer and ε"]["data"][0]
-    assert len(heat["y"]) == 4 and len(heat["x"]) == 8
+    from engine.calibration import DEFAULT_EPS_GRID
+
+    assert len(heat["y"]) == 4 and len(heat["x"]) == len(DEFAULT_EPS_GRID) == 12  # `lance calibrate`'s grid
     assert all(row[0] >= row[-1] for row in heat["z"])  # more energy kept -> less compression
     perp = figs["perplexity of the fine-tuned layers"]["data"]
     assert len(perp) == 2
@@ -116,7 +118,7 @@ def test_spectra_page_draws_energy_heatmap_and_perplexity(calibrated_home, monke
     energy = next(v for k, v in charts(at).items() if "input" in k)
     assert sum(energy["data"][0]["y"]) == pytest.approx(1.0, abs=1e-6)
     ranks = at.dataframe[0].value
-    assert list(ranks.columns) == ["B", "C", "H", "W", "bytes"] and len(ranks) == 8
+    assert list(ranks.columns) == ["B", "C", "H", "W", "bytes"] and len(ranks) == len(DEFAULT_EPS_GRID)
 
 
 def test_budget_page_exact_choice_and_readable_errors(calibrated_home, monkeypatch):

@@ -225,3 +225,28 @@ def test_solve_plan_round_trips_and_check_plan_names_every_difference(calibratio
         check_plan(plan, backbone="x", layers=["a"], batch_size=3, resolution=64)
     for needle in ("this run trains 'x'", "this run trains a", "--batch-size 3", "64 px"):
         assert needle in str(err.value)
+
+
+def test_app_budget_engine_side_calibrates_like_the_cli_and_its_plan_trains(calibration_file, tmp_path):
+    """lance_app.calib: `lance calibrate`'s defaults; solve_plan → save_plan → plan_finetune_args trains it."""
+    from engine.cli import build_parser
+    from lance_app import calib
+
+    defaults = build_parser().parse_args(["calibrate", "--backbone", "b", "--dataset", "d", "--out", "o"])
+    assert (calib.DEFAULT_CALIBRATION_BATCHES, calib.DEFAULT_CALIBRATION_BATCH_SIZE) == \
+        (defaults.batches, defaults.batch_size)
+    assert defaults.eps is None and tuple(calib.DEFAULT_EPS_GRID) == tuple(DEFAULT_EPS_GRID)
+    data = json.loads(calibration_file.read_text())
+    budget = _budget_between(calibration_file, BATCH)
+    plan = calib.solve_plan(data, budget, BATCH)
+    path = calib.save_plan(plan)
+    assert path.parent.name == "plans" and path.is_file()
+    store = RunStore()
+    assert main(["finetune", *RUN, "--method", "asi,lance", *calib.plan_finetune_args(path),
+                 "--json", str(tmp_path / "out.json")]) == 0
+    runs = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["asi", "lance"]
+    for entry in runs:
+        _assert_trained_plan(store, entry["run_id"], plan.to_dict(), budget)
+    assert calib.budget_finetune_args("64KiB", ["vanilla", "lance"]) == ["--budget", "64KiB"]
+    assert calib.budget_finetune_args("64KiB", ["vanilla"]) == [] == calib.budget_finetune_args(" ", ["asi"])
