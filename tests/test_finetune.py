@@ -20,7 +20,7 @@ from engine.train.sinks import RecordingSink
 
 TINY = dict(backbone="small-cnn", dataset="digits", layers=2, epochs=1, batch_size=32, limit_train=96,
             limit_val=64, seed=3)
-TIMING_KEYS = {"step_ms", "epoch_ms"}
+TIMING_KEYS = {"step_ms", "epoch_ms", "peak_memory_bytes"}  # measured by the allocator: a few bytes of noise
 
 
 @pytest.fixture(autouse=True)
@@ -305,3 +305,36 @@ def test_feature_cache_trains_like_whole_images():
         b = [r["value"] for r in store.metrics(whole.run_id, key=key, split="train")]
         assert a == pytest.approx(b, rel=1e-4), key
     assert cached.summary["val_acc"] == pytest.approx(whole.summary["val_acc"], abs=1e-9)
+
+
+def test_packing_is_exact_in_a_run_and_the_probe_measures_peak_memory():
+    """Same seed, packing on (default) and off (--no-pack): the same losses; packed region bytes smaller;
+    every step has a measured peak; the first step lists what the region saves, by op."""
+    store = RunStore()
+    (packed,) = run_finetune(tiny(methods=["asi"]), store=store)
+    (plain,) = run_finetune(tiny(methods=["asi"], pack=False), store=store)
+    loss = {r.run_id: [m["value"] for m in store.metrics(r.run_id) if m["key"] == "loss" and m["split"] == "train"
+                       and m["epoch"] is not None] for r in (packed, plain)}
+    assert len(loss[packed.run_id]) > 2
+    assert max(abs(a - b) for a, b in zip(loss[packed.run_id], loss[plain.run_id])) < 1e-6
+    assert packed.summary["region_activation_bytes"] < plain.summary["region_activation_bytes"]
+    assert packed.summary["layer_activation_bytes"] == plain.summary["layer_activation_bytes"]
+    peaks = [m["value"] for m in store.metrics(packed.run_id) if m["key"] == "peak_memory_bytes"]
+    steps = [m for m in store.metrics(packed.run_id) if m["key"] == "region_activation_bytes"]
+    assert len(peaks) == len(steps) and min(peaks) > 0
+    assert packed.summary["peak_memory_bytes"] == max(peaks)
+    by_op = packed.summary["saved_by_op"]
+    assert "NativeBatchNormBackward0" not in by_op and "_MaskedGradBackward" in by_op
+    assert "NativeBatchNormBackward0" in plain.summary["saved_by_op"]
+    assert sum(by_op.values()) == steps[0]["value"]
+
+
+def test_cli_no_pack_flag_reaches_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LANCE_HOME", str(tmp_path))
+    out = tmp_path / "r.json"
+    code = main(["finetune", "--backbone", "small-cnn", "--dataset", "digits", "--layers", "2", "--epochs", "1",
+                 "--batch-size", "32", "--limit-train", "64", "--limit-val", "32", "--no-pack", "--quiet",
+                 "--json", str(out)])
+    assert code == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert RunStore().get_run(run["run_id"])["config"]["pack"] is False

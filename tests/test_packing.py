@@ -277,3 +277,61 @@ def test_meter_counts_a_shared_storage_once_and_lists_saved_tensors_by_op():
     assert rows["_MaskedGradBackward"]["bytes"] == 8 * 50 // 8
     assert rows["_MaskedGradBackward"]["dtypes"] == ["uint8"]
     assert packed.region_activation_bytes == 2 * 8 * 50 * 4 + 8 * 50 // 8
+
+
+# ---------------------------------------------------------------------------- continual runs
+class _CLNet(nn.Module):
+    """conv-BN(batch statistics)-ReLU-dropout-maxpool, fc-ReLU-dropout, one head per task (8×8 inputs)."""
+
+    def __init__(self, task_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8, track_running_stats=False)
+        self.relu = nn.ReLU()
+        self.drop = nn.Dropout(0.2)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 32, bias=False)
+        self.heads = nn.ModuleList(nn.Linear(32, k, bias=False) for k in task_classes)
+
+    def forward(self, x, task):
+        x = self.pool(self.drop(self.relu(self.bn(self.conv(x)))))
+        return self.heads[task](self.drop(self.relu(self.fc(x.flatten(1)))))
+
+
+def _cl_tasks(n_tasks=2, n=64):
+    from torch.utils.data import TensorDataset
+
+    from engine.continual.runner import Task
+
+    gen = torch.Generator().manual_seed(0)
+    tasks = []
+    for t in range(n_tasks):
+        x = torch.randn(n, 3, 8, 8, generator=gen)
+        y = (x[:, t].mean((1, 2)) > 0).long()
+        tasks.append(Task(f"t{t}", [2 * t, 2 * t + 1], TensorDataset(x, y), TensorDataset(x[:32], y[:32])))
+    return tasks
+
+
+@pytest.mark.parametrize("method", ["lance", "gpm"])
+def test_continual_packing_is_exact_and_measures_peak_memory(method):
+    from engine.continual.learner import ContinualConfig
+    from engine.continual.runner import run_sequence, task_rows
+
+    out = {}
+    for pack in (False, True):
+        torch.manual_seed(0)
+        config = ContinualConfig(method=method, epochs=2, batch_size=16, lr=0.05, calibration_batches=2,
+                                 calibration_batch_size=16, basis_samples=32, seed=0, pack=pack)
+        records, learner = run_sequence(_CLNet([2, 2]), _cl_tasks(), config)
+        out[pack] = (records, learner.model)
+    (plain, plain_model), (packed, packed_model) = out[False], out[True]
+    assert engine.packing.is_packed(packed_model) and not engine.packing.is_packed(plain_model)
+    for a, b in zip(plain, packed):
+        assert abs(a.train_loss - b.train_loss) < 1e-6 and a.acc == b.acc
+        assert a.peak_layer_activation_bytes == b.peak_layer_activation_bytes
+        # ReLU 4 → 1/32, dropout 4 → 1/32 bytes per element, max-pool input + int64 → 1 byte per output;
+        # the batch-statistics BN keeps its input either way
+        assert b.peak_region_activation_bytes < a.peak_region_activation_bytes
+        assert b.peak_memory_bytes > 0 and a.peak_memory_bytes > 0
+        assert {"key": "peak_memory_bytes", "value": b.peak_memory_bytes}.items() <= \
+            next(r for r in task_rows(b) if r["key"] == "peak_memory_bytes").items()

@@ -62,6 +62,8 @@ def register(subparsers) -> None:
                    help="LANCE: re-fit the factors (still orthogonal to the protected basis) every N epochs of a "
                         "task, on fresh batches, so they follow the weights as they train (default 0: once per "
                         "task, before it)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="plain autograd for ReLU/dropout/max-pool (no lossless packing): the unpacked region figure")
     p.add_argument("--seed", type=int, default=0, help="seed for class order, init, data order (default 0)")
     p.add_argument("--limit-train", type=int, default=None, help="training images per task (seeded subset)")
     p.add_argument("--limit-test", type=int, default=None, help="test images per task (seeded subset)")
@@ -105,7 +107,7 @@ def spec_from_args(args):
                     calibration_batches=args.calibration_batches,
                     calibration_batch_size=args.calibration_batch_size, basis_samples=args.basis_samples,
                     compress_first_task=args.compress_first_task,
-                    recalibrate_every=args.recalibrate_every, seed=args.seed)
+                    recalibrate_every=args.recalibrate_every, seed=args.seed, pack=not args.no_pack)
     ContinualConfig(method="lance", **training)  # validates the numbers
     return SequenceSpec(benchmark=args.benchmark, dataset=args.dataset, data_root=args.data_root,
                         backbone=args.backbone, resolution=args.resolution, limit_train=args.limit_train,

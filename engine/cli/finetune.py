@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the backbone's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data-root", default=None, help="folder holding the datasets (also LANCE_DATA_ROOT)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="plain autograd for the rest of the region (no lossless packing of BatchNorm, "
+                        "ReLU/ReLU6 masks, pooling): the unpacked region figure")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run whole images every step instead of caching the frozen prefix's outputs once")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summary {\"runs\": [...]} here (- = stdout)")
@@ -111,6 +114,7 @@ def config_from_args(args):
         momentum=args.momentum, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         limit_train=args.limit_train, limit_val=args.limit_val, val_split=args.val_split, device=args.device,
         data_root=args.data_root, feature_cache=not args.no_feature_cache, resolution=args.resolution,
+        pack=not args.no_pack,
     )
 
 

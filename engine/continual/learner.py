@@ -50,6 +50,8 @@ class ContinualConfig:
     compress_first_task: bool = True  # LANCE: task 0 trained compressed too (else full activations)
     eval_batch_size: int = 256        # test batches (a fixed seeded shuffle: batch-statistics BN sees mixed classes)
     recalibrate_every: int = 0        # LANCE: re-fit the factors every N epochs within a task (0 = once, before it)
+    pack: bool = True                 # lossless packing of ReLU/dropout/max-pool saves (engine.packing); BN with
+                                      # batch statistics keeps its input
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from engine.memory import StepMeter
+from engine.packing import pack_region
 from engine.train.faults import TrainingDiverged
 
 from .learner import ContinualConfig, ContinualLearner
@@ -46,6 +48,7 @@ class TaskRecord:
     peak_region_activation_bytes: int
     task_ms: float
     ranks: dict[str, list[int]] = field(default_factory=dict)  # LANCE factor ranks (last calibration of the task)
+    peak_memory_bytes: int | None = None  # measured peak of a training step (forward + backward), max over the task
     basis: dict[str, dict] = field(default_factory=dict)       # basis extension info per layer
     train_loss: float = float("nan")
 
@@ -54,10 +57,9 @@ class TaskRecord:
 
 
 def default_meter_factory(model: nn.Module):
-    """``engine.SavedBytesMeter(model)``: measured bytes autograd saves for backward."""
-    from engine import SavedBytesMeter
-
-    return SavedBytesMeter(model)
+    """``engine.memory.StepMeter(model)``: measured bytes autograd saves for backward and the step's
+    measured peak memory (``peak_memory_bytes``)."""
+    return StepMeter(model)
 
 
 def _loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -111,7 +113,9 @@ def run_sequence(
     """Train ``tasks[start_task:]`` in order; returns the records and the learner (model + bases).
 
     ``meter_factory(model)`` must return a context manager with ``layer_activation_bytes`` and
-    ``region_activation_bytes`` after exit (``None``: no measurement, bytes reported as 0).
+    ``region_activation_bytes`` after exit, optionally ``peak_memory_bytes`` (``None``: no measurement,
+    bytes reported as 0); it wraps forward and backward. ``config.pack``: the model's BatchNorm/ReLU/
+    dropout/max-pool save their lossless packed forms (:mod:`engine.packing`).
     ``acc_matrix``: rows of tasks already done (resume). Every task re-seeds torch with
     ``(seed, task)`` so a resumed sequence trains exactly like an uninterrupted one.
     """
@@ -119,6 +123,8 @@ def run_sequence(
         raise ValueError("no tasks to learn")
     learner = learner or ContinualLearner(model, config, device=device)
     model = learner.model
+    if getattr(config, "pack", True):
+        pack_region(model)
     acc_matrix = [list(r) for r in (acc_matrix or [])]
     if len(acc_matrix) != start_task:
         raise ValueError(f"resuming at task {start_task} needs {start_task} accuracy rows, got {len(acc_matrix)}")
@@ -134,6 +140,7 @@ def run_sequence(
         params = learner.configure_task(t)
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
         peak_layer = peak_region = 0
+        peak_memory: int | None = None
         loss_sum = 0.0
         n_seen = 0
         for epoch in range(config.epochs):
@@ -154,14 +161,17 @@ def run_sequence(
                 with meter:
                     logits = model(x, t)
                     loss = F.cross_entropy(logits, y)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):  # like fine-tuning: stop with advice, never report NULL losses
-                    raise TrainingDiverged(step + 1, epoch, loss_value, lr=config.lr, method=config.method,
-                                           continual=True)
-                loss.backward()
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):  # like fine-tuning: stop with advice, never report NULL losses
+                        raise TrainingDiverged(step + 1, epoch, loss_value, lr=config.lr, method=config.method,
+                                               continual=True)
+                    loss.backward()
                 if meter_factory is not None:
                     peak_layer = max(peak_layer, int(meter.layer_activation_bytes))
                     peak_region = max(peak_region, int(meter.region_activation_bytes))
+                    step_peak = getattr(meter, "peak_memory_bytes", None)
+                    if step_peak is not None:
+                        peak_memory = max(peak_memory or 0, int(step_peak))
                 learner.after_backward()
                 optimizer.step()
                 step += 1
@@ -184,7 +194,7 @@ def run_sequence(
         record = TaskRecord(task=t, acc=row, ACC=summary["ACC"], BWT=summary["BWT"],
                             forgetting=summary["forgetting"], usage=learner.usage(),
                             peak_layer_activation_bytes=peak_layer, peak_region_activation_bytes=peak_region,
-                            task_ms=task_ms, ranks={k: list(v) for k, v in ranks.items()}, basis=basis_info,
+                            task_ms=task_ms, peak_memory_bytes=peak_memory, ranks={k: list(v) for k, v in ranks.items()}, basis=basis_info,
                             train_loss=loss_sum / max(n_seen, 1))
         records.append(record)
         if on_task_end is not None:
@@ -199,11 +209,17 @@ def task_rows(record: TaskRecord) -> list[dict]:
     rows = [dict(base, key=f"acc/{j}", value=v) for j, v in enumerate(record.acc)]
     for key in ("ACC", "BWT", "forgetting", "peak_layer_activation_bytes", "peak_region_activation_bytes", "task_ms"):
         rows.append(dict(base, key=key, value=getattr(record, key)))
+    if record.peak_memory_bytes is not None:
+        rows.append(dict(base, key="peak_memory_bytes", value=record.peak_memory_bytes))
     rows += [dict(base, key=f"usage/{name}", value=u) for name, u in record.usage.items()]
     for name, ranks in record.ranks.items():
         rows += [dict(base, key=f"rank/{name}/{m}", value=r) for m, r in enumerate(ranks)]
     return rows
 
 
-def peak_over(records: Sequence[TaskRecord], key: str) -> int:
-    return max((int(getattr(r, key)) for r in records), default=0)
+def peak_over(records: Sequence[TaskRecord], key: str) -> int | None:
+    """The run's maximum of ``key`` over its task records (``None`` for a figure no task measured)."""
+    values = [int(v) for v in (getattr(r, key, None) for r in records) if v is not None]
+    if not values:
+        return None if key == "peak_memory_bytes" else 0
+    return max(values)

@@ -106,12 +106,14 @@ def run_summary(run_id: str, method: str, records: list[TaskRecord], config: Con
         "acc_matrix": [r.acc for r in records],
         "peak_layer_activation_bytes": peak_over(records, "peak_layer_activation_bytes"),
         "peak_region_activation_bytes": peak_over(records, "peak_region_activation_bytes"),
+        "peak_memory_bytes": peak_over(records, "peak_memory_bytes"),
         "subspace_usage": {} if last is None else last.usage,
         "tasks_done": len(records),
         "compress_first_task": config.compress_first_task if method == "lance" else None,
         "task_ms": [r.task_ms for r in records],
         "per_task_peak_layer_activation_bytes": [r.peak_layer_activation_bytes for r in records],
         "per_task_peak_region_activation_bytes": [r.peak_region_activation_bytes for r in records],
+        "per_task_peak_memory_bytes": [r.peak_memory_bytes for r in records],
         "ranks": [r.ranks for r in records],
     }
 
@@ -120,7 +122,9 @@ def _print_task(method: str, record: TaskRecord, stream) -> None:
     row = " ".join(f"{a:5.1f}" for a in record.acc)
     print(f"[{method}] task {record.task}: acc [{row}]  ACC {record.ACC:5.2f}  BWT {record.BWT:+6.2f}  "
           f"layer act {record.peak_layer_activation_bytes / 1e6:7.3f} MB  "
-          f"region act {record.peak_region_activation_bytes / 1e6:7.3f} MB  {record.task_ms / 1000:6.1f} s",
+          f"region act {record.peak_region_activation_bytes / 1e6:7.3f} MB  "
+          + (f"peak mem {record.peak_memory_bytes / 1e6:7.3f} MB  " if record.peak_memory_bytes is not None else "")
+          + f"{record.task_ms / 1000:6.1f} s",
           file=stream, flush=True)
 
 
@@ -169,9 +173,9 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
 
 
 def default_meter(model):
-    from engine import SavedBytesMeter
+    from engine.memory import StepMeter
 
-    return SavedBytesMeter(model)
+    return StepMeter(model)
 
 
 def run_method(store, spec: SequenceSpec, method: str, tasks: list | None = None, job_id: str | None = None,

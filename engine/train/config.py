@@ -57,6 +57,7 @@ class FinetuneConfig:
     data_root: str | None = None
     feature_cache: bool = True
     resolution: int | None = None         # None: the backbone's native resolution
+    pack: bool = True                     # lossless packing of the region's BN/ReLU/pool saves (engine.packing)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

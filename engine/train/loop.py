@@ -22,7 +22,10 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (x: (B, ...), y: (B,) i
 
 
 class StepProbe(Protocol):
-    """Measures one training step: ``with probe.measure() as m: forward+backward``; then ``metrics(m)``."""
+    """Measures one training step: ``with probe.measure() as m: forward+backward``; then ``metrics(m)``.
+
+    A measurement with an ``observe_loss(loss)`` method is handed the loss before backward.
+    """
 
     def measure(self) -> ContextManager: ...
 
@@ -117,6 +120,9 @@ def fit(
                 start = time.perf_counter()
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
+                observe = getattr(measurement, "observe_loss", None)
+                if observe is not None:  # e.g. list what the graph saves, by op, before backward frees it
+                    observe(loss)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(state.step + 1, epoch, loss_value, lr=lr, method=method)

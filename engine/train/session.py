@@ -242,7 +242,7 @@ def build_trainable(bench: Workbench, method: str, plans: dict | None = None) ->
         kwargs = {"calibration_loader": batches, "calibration_batches": len(batches)}
         info["calibration_batches"] = len(batches)
     handle = engine.compress_model(wrapper, method, layers=[WRAP + n for n in bench.layer_names],
-                                   options=options, **kwargs)
+                                   options=options, pack=config.pack, **kwargs)
     wrapper.refresh()
     params = [p for p in wrapper.parameters() if p.requires_grad]
     if not params:
@@ -276,20 +276,29 @@ def _jsonable(value):
 class EngineProbe:
     """Per step: saved bytes (measured, both figures), analytic bytes, FLOPs, ranks, captured energy."""
 
-    def __init__(self, trainable: Trainable):
-        import engine
+    def __init__(self, trainable: Trainable, device: str = "cpu", steps_done: int = 0):
+        from engine.memory import StepMeter
 
         self.wrapper = trainable.wrapper
         self.handle = trainable.handle
         self.method = trainable.handle.method
-        self._meter_cls = engine.SavedBytesMeter
+        self.device = device
+        self._meter_cls = StepMeter
+        self._steps = steps_done  # a resumed run listed its saved tensors at its own step 1
 
     def measure(self):
-        return self._meter_cls(self.wrapper)
+        """Saved bytes and the step's measured peak memory; the first step also lists saved tensors by op."""
+        self._steps += 1
+        return self._meter_cls(self.wrapper, self.device, record_ops=self._steps == 1)
 
     def metrics(self, meter) -> dict[str, float]:
         out = {"layer_activation_bytes": float(meter.layer_activation_bytes),
                "region_activation_bytes": float(meter.region_activation_bytes)}
+        peak = getattr(meter, "peak_memory_bytes", None)
+        if peak is not None:
+            out["peak_memory_bytes"] = float(peak)
+        for row in getattr(meter, "saved_ops", None) or []:
+            out[f"saved_op/{row['op']}"] = float(row["bytes"])
         analytic, flops = 0.0, 0.0
         has_flops = False
         for name, layer in self.handle.layers.items():
@@ -348,7 +357,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
                        and r["step"] is not None and _is_epoch_row(r, rows)]
     if train_epoch_acc:
         summary["train_acc"] = train_epoch_acc[-1]
-    for key in ("layer_activation_bytes", "region_activation_bytes", "analytic_activation_bytes"):
+    for key in ("layer_activation_bytes", "region_activation_bytes", "analytic_activation_bytes",
+                "peak_memory_bytes"):
         values = series.get(key)
         summary[key] = max(values) if values else None
         summary[key + "_mean"] = statistics.fmean(values) if values else None
@@ -365,6 +375,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             if key in last_step_values:
                 ranks.setdefault(layer, {})[int(mode)] = int(last_step_values[key])
             ranks_mean.setdefault(layer, {})[int(mode)] = statistics.fmean(values)
+        elif key.startswith("saved_op/"):  # what the region saves, by grad_fn, at the first step
+            summary.setdefault("saved_by_op", {})[key[len("saved_op/"):]] = int(values[0])
         elif key.startswith("captured_energy/"):
             energy[key[len("captured_energy/"):]] = statistics.fmean(values[-max(1, len(values) // 4):])
     if ranks:
@@ -454,7 +466,7 @@ def _train_method(bench: Workbench, method: str, run_id: str, store, sinks: list
     train_mode = handle.train_mode
     fit(trainable.wrapper, optimizer, bench.train, epochs=config.epochs, steps_per_epoch=bench.steps_per_epoch,
         sinks=sinks, method=method, val_batches=bench.val, scheduler=scheduler, grad_clip=config.grad_clip,
-        probe=EngineProbe(trainable), train_mode=train_mode, on_epoch_end=on_epoch_end, state=state,
+        probe=EngineProbe(trainable, config.device, state.step), train_mode=train_mode, on_epoch_end=on_epoch_end, state=state,
         device=config.device, config=config.method_config(method))
     return _finish(store, run_id, sinks, "completed", None, _plan_summary(trainable.method_info))
 
