@@ -194,7 +194,8 @@ def run_sequence(
         record = TaskRecord(task=t, acc=row, ACC=summary["ACC"], BWT=summary["BWT"],
                             forgetting=summary["forgetting"], usage=learner.usage(),
                             peak_layer_activation_bytes=peak_layer, peak_region_activation_bytes=peak_region,
-                            task_ms=task_ms, peak_memory_bytes=peak_memory, ranks={k: list(v) for k, v in ranks.items()}, basis=basis_info,
+                            task_ms=task_ms, peak_memory_bytes=peak_memory,
+                            ranks={k: list(v) for k, v in ranks.items()}, basis=basis_info,
                             train_loss=loss_sum / max(n_seen, 1))
         records.append(record)
         if on_task_end is not None:

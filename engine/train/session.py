@@ -466,7 +466,8 @@ def _train_method(bench: Workbench, method: str, run_id: str, store, sinks: list
     train_mode = handle.train_mode
     fit(trainable.wrapper, optimizer, bench.train, epochs=config.epochs, steps_per_epoch=bench.steps_per_epoch,
         sinks=sinks, method=method, val_batches=bench.val, scheduler=scheduler, grad_clip=config.grad_clip,
-        probe=EngineProbe(trainable, config.device, state.step), train_mode=train_mode, on_epoch_end=on_epoch_end, state=state,
+        probe=EngineProbe(trainable, config.device, state.step), train_mode=train_mode, on_epoch_end=on_epoch_end,
+        state=state,
         device=config.device, config=config.method_config(method))
     return _finish(store, run_id, sinks, "completed", None, _plan_summary(trainable.method_info))
 
