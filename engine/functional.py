@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import spectra as S
 from engine import tensor_ops as T
 from engine.geometry import ConvGeometry, conv_geometry
 
@@ -97,7 +98,7 @@ def hosvd(activation: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor
     factors: list[Tensor | None] = []
     for mode, rank in enumerate(ranks):
         size = x.shape[mode]
-        factors.append(None if rank >= size else T.leading_subspace(T.mode_gram(x, mode), rank))
+        factors.append(None if rank >= size else S.leading_subspace(T.mode_gram(x, mode), rank))
     core = x
     for mode, factor in enumerate(factors):
         if factor is not None:
@@ -107,13 +108,9 @@ def hosvd(activation: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor
 
 @torch.no_grad()
 def hosvd_ranks(activation: Tensor, eps: float) -> tuple[int, ...]:
-    """Per-mode ranks reaching energy ``eps`` (smallest r with Σσ² ≥ eps·Σσ²) of every unfolding."""
+    """Per-mode ranks reaching energy ``eps`` of every unfolding (:func:`engine.spectra.rank_for_energy`)."""
     x = activation.detach()
-    ranks = []
-    for mode in range(x.dim()):
-        values, _ = T.gram_eigh(T.mode_gram(x, mode))
-        ranks.append(T.rank_for_energy(values, eps))
-    return tuple(ranks)
+    return tuple(S.rank_for_energy(S.eigh_descending(T.mode_gram(x, mode))[0], eps) for mode in range(x.dim()))
 
 
 def tucker_weight_grad_at_ranks(layer: nn.Module, activation: Tensor, grad_output: Tensor,

@@ -17,7 +17,9 @@ from torch import nn
 from engine.functional import tucker_bytes
 from engine.geometry import conv_geometry
 from engine.memory import attribute_to_layer
-from engine.methods import Method
+from engine.methods import Method, Stash
+from engine.methods.base import raw_stash, stores_raw
+from engine.methods.simple import exact_weight_grad
 
 Tensor = torch.Tensor
 
@@ -31,7 +33,7 @@ class _CompressedOp(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.meta = None
         if ctx.needs_input_grad[1]:
-            stash = layer.method.compress(layer, x.detach())
+            stash = layer.compress_or_raw(x.detach())
             ctx.meta = stash.meta
             layer._record(x, out, stash)
             ctx.save_for_backward(weight, *stash.tensors)
@@ -45,13 +47,17 @@ class _CompressedOp(torch.autograd.Function):
         weight, *tensors = ctx.saved_tensors
         grad_output = grad_output.contiguous()
         grad_input = grad_weight = grad_bias = None
+        raw = ctx.meta is not None and ctx.meta.get("stored") == "raw"
         if ctx.needs_input_grad[0]:
-            if ctx.meta is not None:
+            if ctx.meta is not None and not raw:
                 grad_input = layer.method.input_grad(layer, tensors, ctx.meta, grad_output, weight, ctx.input_shape)
             else:
                 grad_input = layer.exact_input_grad(grad_output, weight, ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = layer.method.weight_grad(layer, tensors, ctx.meta, grad_output).to(weight.dtype)
+            if raw:  # the activation itself was kept: the exact gradient, whatever the method
+                grad_weight = exact_weight_grad(layer, tensors[0], grad_output).to(weight.dtype)
+            else:
+                grad_weight = layer.method.weight_grad(layer, tensors, ctx.meta, grad_output).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dims = [0, 2, 3] if layer.kind == "conv" else list(range(grad_output.dim() - 1))
             grad_bias = grad_output.sum(dim=dims)
@@ -61,9 +67,13 @@ class _CompressedOp(torch.autograd.Function):
 class CompressedLayer(nn.Module):
     """A Conv2d or Linear whose saved activation is compressed by ``method``.
 
-    ``last_stats`` (after each training forward): ``ranks`` (effective, per mode), ``analytic_bytes``,
-    ``activation_shape``, ``flops`` (``forward``, ``input_grad``, ``weight_grad``, ``compress``) and,
-    for Tucker methods, ``captured_energy`` (‖core‖²/‖A‖²).
+    Never worse than raw (:meth:`compress_or_raw`): where the compressed form would not be smaller
+    than the activation, the activation itself is kept and the gradient is exact.
+
+    ``last_stats`` (after each training forward): ``stored`` (``"compressed"`` or ``"raw"``),
+    ``stored_bytes`` (= ``analytic_bytes``), ``full_bytes`` (the raw activation), ``ranks`` (effective,
+    per mode; the full shape when raw), ``activation_shape``, ``flops`` (``forward``, ``input_grad``,
+    ``weight_grad``, ``compress``) and, for compressed Tucker methods, ``captured_energy`` (‖core‖²/‖A‖²).
     """
 
     def __init__(self, original: nn.Module, method: Method, name: str = ""):
@@ -111,6 +121,23 @@ class CompressedLayer(nn.Module):
         with attribute_to_layer(self.layer_name):
             return _CompressedOp.apply(x, self.weight, self.bias, self)
 
+    def compress_or_raw(self, x: Tensor) -> Stash:
+        """What forward keeps for backward: the method's compressed stash, or the activation itself where that
+        is not larger (:func:`engine.methods.base.stores_raw`) — the one place every method goes through.
+
+        The decision is a byte comparison from shapes and ranks: before compressing where the method knows
+        its ranks (:meth:`Method.planned_ranks`: ASI, LANCE), otherwise on the stash's tensors (HOSVD_ε's
+        per-step ranks, gradient filter's pooled tensor).
+        """
+        raw_bytes = x.numel() * x.element_size()
+        planned = self.method.planned_ranks(self, x.shape)
+        if planned is not None and stores_raw(tucker_bytes(x.shape, planned, x.element_size()), raw_bytes):
+            return raw_stash(x)
+        stash = self.method.compress(self, x)
+        if stores_raw(sum(t.numel() * t.element_size() for t in stash.tensors), raw_bytes):
+            return raw_stash(x)
+        return stash
+
     # -- statistics ----------------------------------------------------------------------------
     def _forward_macs(self, x: Tensor, out: Tensor) -> int:
         if self.kind == "conv":
@@ -120,7 +147,7 @@ class CompressedLayer(nn.Module):
     def _weight_grad_flops(self, x: Tensor, out: Tensor, meta: dict) -> int:
         ranks = meta.get("ranks", list(x.shape))
         full = 2 * self._forward_macs(x, out)
-        if self.method.name == "vanilla" or meta.get("exact"):
+        if self.method.name == "vanilla" or meta.get("exact") or meta.get("stored") == "raw":
             return full
         if self.method.name == "gradient_filter":
             pooled = math.prod(ranks[2:])
@@ -159,11 +186,14 @@ class CompressedLayer(nn.Module):
     def _record(self, x: Tensor, out: Tensor, stash) -> None:
         meta = stash.meta
         macs = self._forward_macs(x, out)
+        analytic = self._analytic_bytes(x, stash)
         stats = {
             "method": self.method.name,
             "activation_shape": list(x.shape),
             "ranks": list(meta.get("ranks", x.shape)),
-            "analytic_bytes": self._analytic_bytes(x, stash),
+            "stored": meta.get("stored", "compressed"),
+            "stored_bytes": analytic,
+            "analytic_bytes": analytic,
             "full_bytes": int(x.numel() * x.element_size()),
             "flops": {
                 "forward": 2 * macs,

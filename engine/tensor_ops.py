@@ -1,4 +1,6 @@
-"""Pure tensor algebra for Tucker compression: unfoldings, mode products, Grams, energy ranks.
+"""Pure tensor algebra for Tucker compression: unfoldings, mode products, Grams.
+
+Eigendecompositions and the energy rank rule live in :mod:`engine.spectra`.
 
 Notation follows methods.md §1: for ``x`` of shape ``(D_0, …, D_{n-1})`` the mode-``m`` unfolding is
 ``x_(m) ∈ R^{D_m × Π_{j≠m} D_j}``; ``mode_product(x, U, m)`` contracts mode ``m`` of ``x`` with the
@@ -84,35 +86,6 @@ def multi_mode_product(x: Tensor, factors: dict[int, Tensor], order: list[int] |
     for mode in order if order is not None else sorted(factors):
         x = mode_product(x, factors[mode], mode)
     return x
-
-
-def rank_for_energy(eigenvalues_desc: Tensor, eps: float) -> int:
-    """Smallest ``r`` with ``Σ_{i<r} λ_i ≥ eps · Σ λ`` (eigenvalues of a Gram = σ², descending).
-
-    ``eps >= 1`` keeps every direction; a zero tensor keeps one.
-    """
-    n = eigenvalues_desc.numel()
-    if eps >= 1.0:
-        return n
-    lam = eigenvalues_desc.clamp_min(0).double()
-    total = lam.sum()
-    if total <= 0:
-        return 1
-    cumulative = torch.cumsum(lam, 0) / total
-    r = int(torch.searchsorted(cumulative, torch.tensor(eps, dtype=cumulative.dtype)).item()) + 1
-    return max(1, min(r, n))
-
-
-def gram_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric PSD Gram, descending: eigenvalues ``(D,)``, vectors ``(D, D)``."""
-    values, vectors = torch.linalg.eigh(gram)
-    return values.flip(0), vectors.flip(1)
-
-
-def leading_subspace(gram: Tensor, rank: int) -> Tensor:
-    """Orthonormal ``(D, rank)`` basis of the leading eigenvectors of ``gram`` (a compact copy)."""
-    _, vectors = gram_eigh(gram)
-    return vectors[:, :rank].contiguous()
 
 
 def orth(matrix: Tensor) -> Tensor:

@@ -113,14 +113,6 @@ def normalised_energy(singular_values: Sequence[float]) -> np.ndarray:
     return energy / total if total > 0 else np.zeros_like(energy)
 
 
-def rank_for_energy(singular_values: Sequence[float], eps: float) -> int:
-    """Smallest r with Σ_{k≤r} σ_k² ≥ eps·Σσ² (at least 1, at most D)."""
-    cum = np.cumsum(normalised_energy(singular_values))
-    if cum.size == 0:
-        return 0
-    return int(min(np.searchsorted(cum, eps - 1e-12) + 1, cum.size))
-
-
 def energy_figure(energies: Mapping[str, Sequence[float]], cumulative: bool = False,
                   eps_marks: Sequence[float] = (), title: str = "") -> go.Figure:
     """Per mode, normalised (or cumulative) energy against the rank index 1..D.

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from engine import SavedBytesMeter
-from engine.continual.basis import extend_basis, plain_factor, rank_for_energy, residual_factor
+from engine.continual.basis import extend_basis, plain_factor, residual_factor
+from engine.spectra import rank_for_energy
 from engine.continual.layers import CLConv2d, CLLinear
 from engine.continual.learner import ContinualConfig, ContinualLearner
 from engine.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize

@@ -17,7 +17,7 @@ from engine.calibration.knapsack import (
 )
 from engine.calibration.pipeline import DEFAULT_EPS_GRID, CalibrationResult, calibrate, calibrate_model
 from engine.calibration.selection import LayerChoice, Selection, select_ranks, select_ranks_from_arrays
-from engine.calibration.spectra import collect_spectra, rank_for_energy
+from engine.calibration.spectra import collect_spectra
 
 __all__ = [
     "BudgetError", "format_bytes", "parse_budget",
@@ -25,5 +25,5 @@ __all__ = [
     "brute_force_multiple_choice_knapsack",
     "DEFAULT_EPS_GRID", "CalibrationResult", "calibrate", "calibrate_model",
     "LayerChoice", "Selection", "select_ranks", "select_ranks_from_arrays",
-    "collect_spectra", "rank_for_energy",
+    "collect_spectra",
 ]

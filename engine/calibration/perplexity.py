@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.spectra import eigh_descending, gram64
+
 
 @dataclass
 class CapturedLayer:
@@ -115,13 +117,10 @@ def leading_factors(activation: torch.Tensor, grams: Sequence[torch.Tensor] | No
     costs one eigendecomposition per mode instead of one per ε. ``grams``: the activation's per-mode
     Grams when already computed (e.g. by the spectra pass over the same batch).
     """
-    from engine.calibration.spectra import unfolding_gram
-
     factors = []
     for mode in range(activation.ndim):
-        gram = unfolding_gram(activation, mode) if grams is None else grams[mode].double()
-        _, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
-        factors.append(vectors.flip(1).to(activation.dtype))
+        gram = gram64(activation, mode) if grams is None else grams[mode].double()
+        factors.append(eigh_descending(gram)[1].to(activation.dtype))
     return factors
 
 

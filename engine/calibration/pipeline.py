@@ -21,10 +21,11 @@ from torch import nn
 from engine.calibration import cache as cache_mod
 from engine.calibration.perplexity import capture_layer_gradients, clip_ranks, gradient_errors
 from engine.calibration.spectra import SpectraCollector
+from engine.methods.base import stored_bytes
 
 DEFAULT_EPS_GRID: tuple[float, ...] = tuple(round(0.4 + 0.05 * i, 2) for i in range(12))  # 0.40 … 0.95
 ELEMENT_BYTES = 4  # float32 activations
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one rank rule (engine.spectra); batch rank of the sample-weighted mean spectrum
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -37,7 +38,10 @@ class CalibrationResult:
          modes: [{mode, dim, energy: [...], cumulative: [...], eigenvalues: [...]}],
          ranks: [[r per mode] per ε], full_bytes: int (the uncompressed input, what vanilla stores),
          bytes: [per ε] | None, perplexity: [per ε] | None, relative_perplexity: [per ε] | None,
-         grad_norm: float | None}
+         stored: ["compressed" | "raw" per ε] | None, grad_norm: float | None}
+
+    ``bytes`` are what training stores at those ranks: the Tucker bytes, or ``full_bytes`` where the
+    Tucker form is not smaller (``stored == "raw"``; the gradient is then exact: perplexity 0).
 
     ``bytes``/``perplexity`` exist for the fine-tuned layers only and are for a batch of ``batch_size``.
     """
@@ -159,10 +163,9 @@ def calibrate_model(
     (the last K compressible layers), names, or ``None``/``"all"``. The model runs in eval mode;
     ``loss_fn(model(x), y)`` is the fine-tuning loss (use the real head). Ranks per ε come from the
     accumulated spectra and are clipped to the perplexity batch; bytes are ``tucker_bytes`` of that
-    batch's input shape at those ranks (float32).
+    batch's input shape at those ranks (float32), or the raw activation's where the Tucker form is not
+    smaller (``stored[j] == "raw"``: training keeps the activation, perplexity 0).
     """
-    from engine.functional import tucker_bytes
-
     grid = check_eps_grid(eps_grid)
     batches = list(batches)
     if not batches:
@@ -235,13 +238,18 @@ def calibrate_model(
         shape = shapes.get(name, [int(x.shape[0])] + spec.input_shape[1:])
         d["full_bytes"] = math.prod(shape) * ELEMENT_BYTES
         if name in rows:
+            # never worse than raw: at ranks whose Tucker form is not smaller, training stores the activation
+            # itself (exact gradient), so the option costs full_bytes and has no gradient error
+            stored = [stored_bytes(shape, row["ranks"], ELEMENT_BYTES) for row in rows[name]]
             d["ranks"] = [row["ranks"] for row in rows[name]]
-            d["bytes"] = [tucker_bytes(shape, row["ranks"], ELEMENT_BYTES) for row in rows[name]]
-            d["perplexity"] = [row["perplexity"] for row in rows[name]]
-            d["relative_perplexity"] = [row["relative_perplexity"] for row in rows[name]]
+            d["stored"] = ["raw" if raw else "compressed" for _, raw in stored]
+            d["bytes"] = [b for b, _ in stored]
+            d["perplexity"] = [0.0 if raw else row["perplexity"] for (_, raw), row in zip(stored, rows[name])]
+            d["relative_perplexity"] = [0.0 if raw else row["relative_perplexity"]
+                                        for (_, raw), row in zip(stored, rows[name])]
             d["grad_norm"] = grad_norms[name]
         else:
-            d["bytes"] = d["perplexity"] = d["relative_perplexity"] = d["grad_norm"] = None
+            d["bytes"] = d["perplexity"] = d["relative_perplexity"] = d["grad_norm"] = d["stored"] = None
         layers_out.append(d)
     return CalibrationResult(
         config=dict(config or {}),

@@ -4,15 +4,12 @@ For an activation ``A`` with modes ``(D_0, …, D_{n-1})`` (conv input ``(B, C, 
 ``(B, F)``, ``(B, L, F)`` or ``(B, H, W, F)``), the squared singular values of the mode-``m`` unfolding
 ``A_(m) ∈ R^{D_m × Π_{j≠m} D_j}`` are the eigenvalues of its Gram matrix ``A_(m) A_(m)ᵀ`` (``D_m × D_m``).
 
-Accumulation over calibration batches (methods.md §2, LANCE):
-- every mode except the batch mode: the Gram matrices are summed over batches and divided by the
-  number of samples seen — a true running mean over the data, each batch weighted by its size;
-  one ``eigvalsh`` at the end;
-- the batch mode (mode 0): its Gram is ``B × B`` and depends on which samples share a batch, so it
-  cannot be summed across batches. Its spectrum is computed *per batch*, normalised to unit total
-  energy, zero-padded to the largest batch size seen and averaged over batches.
-
-Rank rule (methods.md §2, HOSVD_ε): the smallest ``r`` with ``Σ_{k<r} σ_k² ≥ ε · Σ_k σ_k²``.
+Accumulation over calibration batches and the rank rule are :mod:`engine.spectra`'s (the one
+:class:`~engine.spectra.GramAccumulator` and the one :func:`~engine.spectra.rank_for_energy`, also used by
+LANCE's training calibration): non-batch modes take the eigenvalues of the true-mean Gram (summed over
+batches / samples); the batch mode takes the sample-weighted mean of the per-batch ``B×B`` spectra
+(zero-padded to the largest batch). Ranks per ε are that rule on those eigenvalues, so the ranks
+reported here are the ranks LANCE trains with.
 """
 from __future__ import annotations
 
@@ -23,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.spectra import GramAccumulator, eigh_descending, gram64, rank_for_energy
+
 # Mode names by activation kind and rank (number of dims).
 CONV_MODES = ("B", "C", "H", "W")
 LINEAR_MODES = {2: ("B", "F"), 3: ("B", "L", "F"), 4: ("B", "H", "W", "F")}
-ENERGY_TOLERANCE = 1e-9  # cumulative energy within this of ε counts as reaching it (float round-off)
 
 
 def mode_names(layer: nn.Module, ndim: int) -> tuple[str, ...]:
@@ -40,28 +38,9 @@ def mode_names(layer: nn.Module, ndim: int) -> tuple[str, ...]:
     raise ValueError(f"a Linear input must be (B, F), (B, L, F) or (B, H, W, F), got {ndim} dims")
 
 
-def unfolding_gram(activation: torch.Tensor, mode: int) -> torch.Tensor:
-    """Gram matrix ``A_(m) A_(m)ᵀ`` of the mode-``mode`` unfolding: ``(D_m, D_m)`` in float64.
-
-    The product runs in the activation's dtype (float32 for speed); the result is returned in float64.
-    """
-    x = activation.detach()
-    if not x.is_floating_point():
-        x = x.float()
-    if mode == x.ndim - 1:
-        flat = x.reshape(-1, x.shape[-1])  # (Π_{j≠m} D_j, D_m), no copy
-        gram = flat.T @ flat
-    else:
-        flat = x.movedim(mode, 0).reshape(x.shape[mode], -1)  # (D_m, Π_{j≠m} D_j)
-        gram = flat @ flat.T
-    return gram.double()
-
-
 def gram_eigenvalues(gram: torch.Tensor) -> np.ndarray:
-    """Eigenvalues of a symmetric PSD Gram matrix, descending, negatives (round-off) clipped to 0."""
-    sym = 0.5 * (gram + gram.T)
-    eig = torch.linalg.eigvalsh(sym).cpu().numpy()[::-1].copy()
-    return np.clip(eig, 0.0, None)
+    """Eigenvalues of a symmetric PSD Gram matrix, descending, clamped at 0 (:func:`engine.spectra.eigh_descending`)."""
+    return eigh_descending(gram.double())[0].cpu().numpy()
 
 
 def normalised_energy(eigenvalues: np.ndarray) -> np.ndarray:
@@ -71,30 +50,9 @@ def normalised_energy(eigenvalues: np.ndarray) -> np.ndarray:
     return eig / total if total > 0 else np.zeros_like(eig)
 
 
-def rank_for_energy(cumulative_energy: Sequence[float] | np.ndarray, eps: float) -> int:
-    """Smallest ``r >= 1`` with ``cumulative_energy[r-1] >= eps`` (cumulative energy: non-decreasing, ends at 1).
-
-    ``eps >= 1`` gives the full dimension; an all-zero spectrum gives rank 1.
-    """
-    cum = np.asarray(cumulative_energy, dtype=np.float64)
-    if cum.size == 0:
-        raise ValueError("empty spectrum")
-    if eps >= 1.0:
-        return int(cum.size)
-    if cum[-1] <= 0:
-        return 1
-    r = int(np.searchsorted(cum, eps - ENERGY_TOLERANCE, side="left")) + 1
-    return max(1, min(r, int(cum.size)))
-
-
-def ranks_for_energy(cumulative_per_mode: Sequence[np.ndarray], eps: float) -> tuple[int, ...]:
-    """Per-mode ranks at energy ``eps``."""
-    return tuple(rank_for_energy(c, eps) for c in cumulative_per_mode)
-
-
 def hosvd_singular_values(activation: torch.Tensor) -> list[np.ndarray]:
     """Singular values of every unfolding of one tensor (descending), via the Gram eigenvalues."""
-    return [np.sqrt(gram_eigenvalues(unfolding_gram(activation, m))) for m in range(activation.ndim)]
+    return [np.sqrt(gram_eigenvalues(gram64(activation, m))) for m in range(activation.ndim)]
 
 
 @dataclass
@@ -105,64 +63,25 @@ class ModeSpectrum:
     dim: int
     energy: list[float]
     cumulative: list[float]
-    eigenvalues: list[float]  # mean Gram eigenvalues (per sample for non-batch modes; batch mode: per batch mean)
+    eigenvalues: list[float]  # mean spectrum per sample (GramAccumulator.eigenvalues; batch mode included)
 
     def rank(self, eps: float) -> int:
-        return rank_for_energy(self.cumulative, eps)
+        return rank_for_energy(self.eigenvalues, eps)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "dim": self.dim, "energy": self.energy,
                 "cumulative": self.cumulative, "eigenvalues": self.eigenvalues}
 
 
-@dataclass
-class _LayerAccumulator:
-    modes: tuple[str, ...] = ()
-    shape: tuple[int, ...] = ()        # activation shape of the first batch seen
-    gram_sums: list = field(default_factory=list)   # per non-batch mode: Σ_batches Gram (float64)
-    samples: int = 0
-    batch_energy: list = field(default_factory=list)  # per batch: normalised batch-mode energy
-    batch_eig: list = field(default_factory=list)
-    calls: int = 0
-    keep_first_grams: bool = False
-    first_grams: list | None = None  # every mode's Gram of the first batch (float64), when kept
-
-    def add(self, layer: nn.Module, activation: torch.Tensor) -> None:
-        if not self.modes:
-            self.modes = mode_names(layer, activation.ndim)
-            self.shape = tuple(activation.shape)
-            self.gram_sums = [None] * activation.ndim
-        elif tuple(activation.shape[1:]) != tuple(self.shape[1:]):
-            raise ValueError(
-                f"input shape changed between calibration batches: {tuple(self.shape)} then "
-                f"{tuple(activation.shape)}; calibrate with one input resolution"
-            )
-        self.calls += 1
-        self.samples += int(activation.shape[0])
-        grams = [unfolding_gram(activation, m) for m in range(activation.ndim)]
-        if self.keep_first_grams and self.first_grams is None:
-            self.first_grams = grams
-        batch_eig = gram_eigenvalues(grams[0])
-        self.batch_eig.append(batch_eig)
-        self.batch_energy.append(normalised_energy(batch_eig))
-        for m in range(1, activation.ndim):
-            self.gram_sums[m] = grams[m] if self.gram_sums[m] is None else self.gram_sums[m] + grams[m]
-
-    def finish(self) -> list[ModeSpectrum]:
-        if self.calls == 0:
-            raise RuntimeError("layer never ran during calibration")
-        width = max(e.size for e in self.batch_energy)
-        pad = lambda e: np.pad(e, (0, width - e.size))  # noqa: E731
-        batch_energy = np.mean([pad(e) for e in self.batch_energy], axis=0)
-        batch_eig = np.mean([pad(e) for e in self.batch_eig], axis=0)
-        out = [ModeSpectrum(self.modes[0], width, batch_energy.tolist(),
-                            np.minimum(np.cumsum(batch_energy), 1.0).tolist(), batch_eig.tolist())]
-        for m in range(1, len(self.modes)):
-            eig = gram_eigenvalues(self.gram_sums[m] / self.samples)
-            energy = normalised_energy(eig)
-            out.append(ModeSpectrum(self.modes[m], int(eig.size), energy.tolist(),
-                                    np.minimum(np.cumsum(energy), 1.0).tolist(), eig.tolist()))
-        return out
+def _mode_spectra(acc: GramAccumulator, modes: Sequence[str]) -> list[ModeSpectrum]:
+    """Every mode's :class:`ModeSpectrum` from an accumulator (the same eigenvalues LANCE's ranks use)."""
+    out = []
+    for m, name in enumerate(modes):
+        eig = acc.eigenvalues(m)
+        energy = normalised_energy(eig)
+        out.append(ModeSpectrum(name, int(eig.size), energy.tolist(), np.minimum(np.cumsum(energy), 1.0).tolist(),
+                                eig.tolist()))
+    return out
 
 
 @dataclass
@@ -216,14 +135,16 @@ class SpectraCollector:
         keep = set(keep_first_grams)
         self.names = list(layer_names)
         self.modules = {n: modules[n] for n in self.names}
-        self.accs = {n: _LayerAccumulator(keep_first_grams=n in keep) for n in self.names}
+        self.accs = {n: GramAccumulator(keep_first_grams=n in keep) for n in self.names}
         self.batches = 0
         self._handles: list = []
 
     def __enter__(self) -> "SpectraCollector":
         for name in self.names:
             def hook(mod, inputs, _output, _name=name):
-                self.accs[_name].add(mod, inputs[0].detach())
+                x = inputs[0].detach()
+                mode_names(mod, x.ndim)  # a clear error for an input of the wrong rank
+                self.accs[_name].update(x)
 
             self._handles.append(self.modules[name].register_forward_hook(hook))
         return self
@@ -242,7 +163,7 @@ class SpectraCollector:
     def never_ran(self) -> list[str]:
         """Layers whose module was never called, e.g. torchvision's Swin attention, which applies
         ``F.linear(x, self.qkv.weight)`` directly: they have no spectrum (and hooks cannot see them)."""
-        return [n for n in self.names if self.accs[n].calls == 0]
+        return [n for n in self.names if self.accs[n].batches == 0]
 
     def finish(self) -> dict[str, LayerSpectra]:
         """``{name: LayerSpectra}`` for every layer that ran (see :meth:`never_ran` for the others)."""
@@ -251,10 +172,12 @@ class SpectraCollector:
         out = {}
         for name in self.names:
             acc = self.accs[name]
-            if acc.calls == 0:
+            if acc.batches == 0:
                 continue
             kind = "conv" if isinstance(self.modules[name], nn.Conv2d) else "linear"
-            out[name] = LayerSpectra(name, kind, list(acc.shape), acc.samples, self.batches, acc.finish())
+            modes = mode_names(self.modules[name], acc.ndim)
+            out[name] = LayerSpectra(name, kind, list(acc.first_shape), acc.samples, self.batches,
+                                     _mode_spectra(acc, modes))
         return out
 
 

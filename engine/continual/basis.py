@@ -15,52 +15,14 @@ from __future__ import annotations
 
 import torch
 
-# Eigenvalues below this fraction of the largest one are numerical noise of the Gram: never a direction.
-NOISE_RELATIVE = 1e-10
+from engine.spectra import eigh_descending, rank_for_energy
 
 
-def eigh_descending(gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of a symmetric PSD ``(D, D)`` matrix, largest first.
-
-    ``dtype``: precision of the decomposition (float32 is ~3x faster for D = 2048 and enough for
-    calibrated factors; the protected basis uses float64). Returns float64 ``(eigenvalues (D,),
-    eigenvectors (D, D))``; negative round-off eigenvalues are clamped to 0.
-    """
-    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"a Gram matrix must be square, got shape {tuple(gram.shape)}")
-    sym = 0.5 * (gram.double() + gram.double().T)
-    values, vectors = torch.linalg.eigh(sym.to(dtype))
-    values = values.double().flip(0).clamp_min(0.0)
-    vectors = vectors.double().flip(1)
-    return values, vectors
-
-
-def _significant(values: torch.Tensor) -> int:
-    """How many leading eigenvalues are above the numerical noise floor."""
-    if values.numel() == 0 or float(values[0]) <= 0.0:
-        return 0
-    return int((values > NOISE_RELATIVE * float(values[0])).sum())
-
-
-def rank_for_energy(values: torch.Tensor, eps: float, total: float | None = None, captured: float = 0.0) -> int:
-    """Smallest ``r`` with ``(captured + Σ_{i<r} values[i]) / total >= eps`` (values descending, ≥ 0).
-
-    ``total`` defaults to ``values.sum()``; ``captured`` is energy already held elsewhere (GPM's
-    protected part). Directions at the noise floor are never counted, so ``eps = 1`` keeps exactly the
-    numerically non-zero ones. Returns 0 when ``captured`` alone reaches ``eps``.
-    """
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"energy threshold must be in (0, 1], got {eps}")
-    total = float(values.sum()) if total is None else float(total)
-    if total <= 0.0:
-        return 0
-    usable = _significant(values)
-    running = captured
-    for r in range(usable):
-        if running / total >= eps - 1e-12:
-            return r
-        running += float(values[r])
-    return usable
+def _descending64(gram: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`engine.spectra.eigh_descending` of ``gram`` decomposed in ``dtype`` (float32 is ~3x faster for
+    D = 2048 and enough for calibrated factors; the protected basis uses float64), returned in float64."""
+    values, vectors = eigh_descending(gram.double(), dtype)
+    return values.double(), vectors.double()
 
 
 def _orthonormal_complement_part(vectors: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -107,7 +69,7 @@ def residual_spectrum(basis: torch.Tensor | None, gram: torch.Tensor | None = No
         raise ValueError("give the feature Gram or the feature rows")
     total = float(torch.trace(gram.double()))
     res = residual_gram(gram, basis)
-    values, vectors = eigh_descending(res, dtype)
+    values, vectors = _descending64(res, dtype)
     return total, float(torch.trace(res)), values, vectors
 
 
@@ -124,7 +86,7 @@ def extend_basis(basis: torch.Tensor | None, gram: torch.Tensor | None, eps_cl: 
     old = torch.zeros(dim, 0, dtype=torch.float64) if basis is None else basis.double()
     total, residual_energy, values, vectors = residual_spectrum(old, gram, rows, torch.float64)
     captured_before = (total - residual_energy) / total if total > 0 else 1.0
-    added = rank_for_energy(values, eps_cl, total=total, captured=total - residual_energy)
+    added = rank_for_energy(values, eps_cl, total=total, captured=total - residual_energy, min_rank=0)
     added = min(added, dim - old.shape[1])
     new = _orthonormal_complement_part(vectors[:, :added], old)
     out = torch.cat([old, new], dim=1).float()
@@ -145,9 +107,8 @@ def residual_factor(gram: torch.Tensor | None, basis: torch.Tensor | None, eps: 
         # against the raw data's energy, not the residual's largest eigenvalue
         floor = 1e-7 * total  # float32-accurate spectra are good to ~1e-7
         values = values[: int((values > floor).sum())]
-    r = rank_for_energy(values, eps) if values.numel() else 0
-    if float(values.sum()) > 0.0:
-        r = max(r, 1)
+    # at least 1 while the residual is numerically non-zero, 0 when it is all zero
+    r = rank_for_energy(values, eps, min_rank=1 if float(values.sum()) > 0.0 else 0) if values.numel() else 0
     r = min(r, vectors.shape[1])
     if max_rank is not None:
         r = min(r, max_rank)
@@ -156,8 +117,8 @@ def residual_factor(gram: torch.Tensor | None, basis: torch.Tensor | None, eps: 
 
 def plain_factor(gram: torch.Tensor, eps: float, max_rank: int | None = None) -> torch.Tensor:
     """The plain energy rule: ``U (D, r)``, the leading eigenvectors of ``gram`` reaching energy ``eps``."""
-    values, vectors = eigh_descending(gram, torch.float32)
-    r = max(rank_for_energy(values, eps), 1 if float(values.sum()) > 0 else 0)
+    values, vectors = _descending64(gram, torch.float32)
+    r = rank_for_energy(values, eps, min_rank=1 if float(values.sum()) > 0 else 0)
     if max_rank is not None:
         r = min(r, max_rank)
     return vectors[:, :r].float().contiguous()

@@ -35,6 +35,29 @@ class Stash:
     meta: dict = field(default_factory=dict)
 
 
+def stores_raw(compressed_bytes: int, raw_bytes: int) -> bool:
+    """The one "never worse than raw" rule: a compressed form not smaller than the activation is not kept.
+
+    ``compressed_bytes``: what the method would store (core + factors at the chosen ranks, batch factor
+    included, at this batch size); ``raw_bytes``: the activation itself. ``True``: store the activation
+    (exact gradient). A byte comparison from shapes and ranks, no trial compression.
+    """
+    return int(compressed_bytes) >= int(raw_bytes)
+
+
+def stored_bytes(shape: Sequence[int], ranks: Sequence[int], element_bytes: int = 4) -> tuple[int, bool]:
+    """``(bytes stored, raw?)`` for an activation of ``shape`` kept at Tucker ``ranks``: the Tucker bytes, or the
+    raw activation's where that is not larger (:func:`stores_raw`)."""
+    raw = math.prod(int(d) for d in shape) * int(element_bytes)
+    tucker = Fn.tucker_bytes(shape, ranks, element_bytes)
+    return (raw, True) if stores_raw(tucker, raw) else (tucker, False)
+
+
+def raw_stash(x: Tensor) -> Stash:
+    """The activation itself, for an exact gradient (``meta["stored"] == "raw"``)."""
+    return Stash([x], {"ranks": list(x.shape), "flops_compress": 0, "stored": "raw"})
+
+
 class Method:
     """Base class. Subclasses set ``name`` and implement :meth:`compress` and :meth:`weight_grad`."""
 
@@ -66,6 +89,11 @@ class Method:
 
     def setup(self, layer: "CompressedLayer") -> None:
         """Register state buffers on ``layer`` (called once, at surgery)."""
+
+    def planned_ranks(self, layer: "CompressedLayer", shape: torch.Size) -> Sequence[int] | None:
+        """The Tucker ranks :meth:`compress` would use for an input of ``shape``, when known before compressing
+        (fixed ranks, calibrated factors); ``None`` otherwise. Lets the layer decide "raw" without compressing."""
+        return None
 
     def compress(self, layer: "CompressedLayer", x: Tensor) -> Stash:
         raise NotImplementedError

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from engine import functional as Fn
+from engine import spectra as S
 from engine import tensor_ops as T
 from engine.methods.base import (
     Method,
@@ -93,9 +94,9 @@ class HOSVD(_TuckerMethod):
         ranks = {}
         for mode in range(x.dim()):
             d = shape[mode]
-            values, vectors = T.gram_eigh(T.mode_gram(x, mode))
+            values, vectors = S.eigh_descending(T.mode_gram(x, mode))
             flops += 2 * x.numel() * d + 9 * d**3
-            r = T.rank_for_energy(values, self.eps)
+            r = S.rank_for_energy(values, self.eps)
             ranks[mode] = r
             if r < d:
                 factors[mode] = vectors[:, :r].contiguous()
@@ -148,6 +149,9 @@ class ASI(_TuckerMethod):
     def resolve_ranks(self, layer, shape: Sequence[int]) -> tuple[int, ...]:
         ranks = self.ranks if self.ranks is not None else Fn.default_asi_ranks(shape, layer.kind)
         return _check_ranks(self.layer_name, ranks, shape)
+
+    def planned_ranks(self, layer, shape):
+        return self.resolve_ranks(layer, shape)
 
     def _iterate(self, layer, source: Tensor, mode: int, rank: int, generator: torch.Generator) -> tuple[Tensor, int]:
         """One subspace-iteration step for ``mode`` of ``source``: ``(D_m, r)`` factor, FLOPs."""
@@ -210,8 +214,9 @@ class LANCE(_TuckerMethod):
     """LANCE: factors of the non-batch modes fixed by a one-shot calibration; training only projects.
 
     Calibration (:func:`engine.methods.calibration.calibrate_layers`) accumulates each mode's Gram as a
-    true mean over every calibration sample and keeps the rank reaching energy ``eps`` (or fixed
-    ``ranks``). ``batch_mode='factor'`` (default) derives a batch factor of the calibrated batch rank per
+    true mean over every calibration sample (:class:`engine.spectra.GramAccumulator`) and keeps the rank
+    reaching energy ``eps`` by :func:`engine.spectra.rank_for_energy` (or fixed ``ranks``); the batch
+    rank is the rank of the mean batch-mode spectrum, as ``lance calibrate`` reports it. ``batch_mode='factor'`` (default) derives a batch factor of the calibrated batch rank per
     step from the already projected tensor; ``'keep'`` leaves the batch mode whole.
     """
 
@@ -241,7 +246,7 @@ class LANCE(_TuckerMethod):
         layer.register_buffer("lance_steps", torch.zeros((), dtype=torch.long))
 
     def set_calibration(self, layer, calibration) -> None:
-        """Fix the factors from a :class:`engine.methods.calibration.ModeStatistics`."""
+        """Fix the factors from a :class:`engine.spectra.GramAccumulator`."""
         shape = calibration.shape
         if self.ranks is not None:
             ranks = _check_ranks(self.layer_name, self.ranks, shape)
@@ -253,6 +258,17 @@ class LANCE(_TuckerMethod):
             )
         layer.lance_batch_rank.fill_(int(ranks[0]))
         layer._buffers["lance_calibrated"] = torch.ones((), dtype=torch.bool)
+
+    def planned_ranks(self, layer, shape):
+        if layer._buffers.get("lance_calibrated") is None:
+            return None  # compress raises the clear error
+        ranks = [min(int(layer.lance_batch_rank), shape[0]) if self.batch_mode == "factor" else shape[0]]
+        for mode in range(1, len(shape)):
+            f = layer._buffers.get(f"lance_factor_{mode}")
+            if f is not None and f.shape[0] != shape[mode]:
+                return None  # another resolution: compress raises the clear error
+            ranks.append(shape[mode] if f is None else int(f.shape[1]))
+        return ranks
 
     def compress(self, layer, x: Tensor) -> Stash:
         if layer._buffers.get("lance_calibrated") is None:
