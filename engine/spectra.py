@@ -168,7 +168,7 @@ class GramAccumulator:
         return self._eig[mode]
 
     def eigenvalues(self, mode: int) -> np.ndarray:
-        """The mode's mean spectrum ``(D_m,)`` float64 (batch mode: Σ per-batch eigenvalues / N, width = largest batch)."""
+        """The mode's mean spectrum ``(D_m,)`` float64 (batch mode: Σ per-batch eigenvalues / N, largest batch wide)."""
         self._check()
         if mode == 0:
             return self.batch_eig_sum / self.samples

@@ -9,11 +9,11 @@ from torch.utils.data import TensorDataset
 
 from engine import SavedBytesMeter
 from engine.continual.basis import extend_basis, plain_factor, residual_factor
-from engine.spectra import rank_for_energy
 from engine.continual.layers import CLConv2d, CLLinear
 from engine.continual.learner import ContinualConfig, ContinualLearner
 from engine.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
 from engine.continual.runner import Task, run_sequence
+from engine.spectra import rank_for_energy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ reported here are the ranks LANCE trains with.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np

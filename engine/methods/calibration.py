@@ -27,7 +27,8 @@ def _first(batch):
 def calibrate_layers(model: nn.Module, layer_names: list[str], loader: Iterable, batches: int | None = None,
                      forward=None) -> dict[str, GramAccumulator]:
     """Run up to ``batches`` batches of ``loader`` through ``model`` (eval mode, no grad) and collect
-    :class:`engine.spectra.GramAccumulator` of the inputs of ``layer_names``. ``forward(model, batch)`` overrides the call
+    :class:`engine.spectra.GramAccumulator` of the inputs of ``layer_names``. ``forward(model, batch)``
+    overrides the call
     (default: ``model(x)`` with ``x`` the batch or its first element, moved to the model's device).
     """
     modules = dict(model.named_modules())

@@ -216,7 +216,8 @@ class LANCE(_TuckerMethod):
     Calibration (:func:`engine.methods.calibration.calibrate_layers`) accumulates each mode's Gram as a
     true mean over every calibration sample (:class:`engine.spectra.GramAccumulator`) and keeps the rank
     reaching energy ``eps`` by :func:`engine.spectra.rank_for_energy` (or fixed ``ranks``); the batch
-    rank is the rank of the mean batch-mode spectrum, as ``lance calibrate`` reports it. ``batch_mode='factor'`` (default) derives a batch factor of the calibrated batch rank per
+    rank is the rank of the mean batch-mode spectrum, as ``lance calibrate`` reports it.
+    ``batch_mode='factor'`` (default) derives a batch factor of the calibrated batch rank per
     step from the already projected tensor; ``'keep'`` leaves the batch mode whole.
     """
 
