@@ -25,7 +25,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-JOB_KINDS = ("finetune", "continual")
+JOB_KINDS = ("finetune", "continual", "sweep")
 
 
 def lance_home() -> Path:

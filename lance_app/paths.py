@@ -17,6 +17,7 @@ PAGES = [
     ("budget.py", "Budget", ":material/memory:", "budget"),
     ("finetune.py", "Fine-tune", ":material/model_training:", "finetune"),
     ("continual.py", "Continual", ":material/linear_scale:", "continual"),
+    ("sweep.py", "Sweep", ":material/scatter_plot:", "sweep"),
     ("runs.py", "Runs", ":material/table_view:", "runs"),
 ]
 
