@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from lance_app.live import readable_failure
+from lance_app.paths import pages_dir
 from lance_app.state import (
     METHODS,
     attach_job,
@@ -140,7 +141,7 @@ def live_view() -> None:
         if st.button("Open these runs on the Runs page", key="sw_open_runs"):
             st.session_state["runs_selected"] = list(c["run_ids"])
             try:
-                st.switch_page("pages/runs.py")
+                st.switch_page(pages_dir() / "runs.py")
             except Exception:  # noqa: BLE001 - the page runs on its own (tests): the selection waits in the session
                 st.info("Selected on the Runs page: " + ", ".join(c["run_ids"]))
     st.subheader("Configurations")
