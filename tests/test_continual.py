@@ -363,3 +363,27 @@ def test_one_byte_definition_factors_count_in_continual_as_in_finetune():
     expected = 4 * (batch * rank + features * rank)  # core (B, r) + factor (F, r), float32
     assert finetune_bytes == meter.layer_activation_bytes == expected
     assert handle is not None
+
+
+def test_linear_stores_input_when_core_and_factor_would_be_larger_and_restricts_gradient():
+    """Never worse than the input for linear layers too: 4 rows of 16 features at rank 6 would save a
+    (4, 6) core + a (16, 6) factor = 120 floats > the 64-float input, so the input is saved and the
+    gradient is restricted to span(U_F) after backward (what the core would have given)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 3)
+    layer = CLLinear.from_linear(lin, name="fc")
+    layer.storage = "lance"
+    q, _ = torch.linalg.qr(torch.randn(16, 6))
+    layer.set_factors(q)
+    x = torch.randn(4, 16)
+    with SavedBytesMeter(layer) as meter:
+        layer(x)
+    assert meter.layer_activation_bytes == (4 * 6 + 16 * 6) * 4
+    layer.store_input_instead = True
+    with SavedBytesMeter(layer) as meter:
+        out = layer(x)
+    assert meter.layer_activation_bytes == x.numel() * 4
+    g = torch.randn_like(out)
+    out.backward(g)
+    layer.restrict_weight_grad()
+    assert torch.allclose(lin.weight.grad, (g.T @ x) @ q @ q.T, atol=1e-5)

@@ -239,7 +239,8 @@ class CLLinear(_CLMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., F) -> (..., F')
         with attribute_to_layer(self.layer_name or "linear"):
-            if self.storage == "lance" and torch.is_grad_enabled() and self.weight.requires_grad:
+            if (self.storage == "lance" and not self.store_input_instead and torch.is_grad_enabled()
+                    and self.weight.requires_grad):
                 return _LanceLinearFunction.apply(x, self.weight, self.bias, self.u_feat)
             return F.linear(x, self.weight, self.bias)
 

@@ -292,15 +292,20 @@ class ContinualLearner:
                     eps_spatial = cfg.eps_for(task, layer.protected)[1]
                     layer.set_factors(layer.u_feat, plain_factor(spatial.h[name].cpu(), eps_spatial),
                                       plain_factor(spatial.w[name].cpu(), eps_spatial))
-        for name in convs:
+        for name in grams.names():
+            # never worse than the input: the core of a training batch + the factors it saves, against the
+            # input (then the layer stores its input and restricts its gradient to span(U_F) after backward)
             layer = self.layers[name]
-            in_numel, (_, h_out, w_out) = grams.shapes[name]
-            r_h = layer.u_h.shape[1] if layer.u_h.numel() else h_out
-            r_w = layer.u_w.shape[1] if layer.u_w.numel() else w_out
-            # never worse than the input: core of a training batch + the factors it saves, against the input
+            in_numel, out_shape = grams.shapes[name]
+            if name in convs:
+                _, h_out, w_out = out_shape
+                r_h = layer.u_h.shape[1] if layer.u_h.numel() else h_out
+                r_w = layer.u_w.shape[1] if layer.u_w.numel() else w_out
+                core = layer.u_feat.shape[1] * r_h * r_w           # per sample
+            else:
+                core = layer.u_feat.shape[1] * (in_numel // layer.in_features)  # rows per sample × r
             factors = layer.u_feat.numel() + layer.u_h.numel() + layer.u_w.numel()
-            layer.store_input_instead = cfg.batch_size * layer.u_feat.shape[1] * r_h * r_w + factors >= \
-                cfg.batch_size * in_numel
+            layer.store_input_instead = cfg.batch_size * core + factors >= cfg.batch_size * in_numel
         self._restore_bn(bn_state)
         self.model.train(was_training)
         return {n: self.layers[n].compressed_ranks() for n in grams.names()}
