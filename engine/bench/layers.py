@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.functional import default_asi_ranks
 from engine.memory import SavedBytesMeter
 from engine.surgery import compress_model
 
@@ -88,26 +89,44 @@ def _options(method: str, full_rank: bool, shape: tuple[int, ...]) -> dict:
 
 
 def _default_ranks(shape):
-    from engine.functional import default_asi_ranks
-
     return default_asi_ranks(shape, "conv" if len(shape) == 4 else "linear")
 
 
-def bench_layer(spec: LayerSpec, batch_size: int = 128, repeats: int = 5, full_rank: bool = False,
-                methods=METHOD_ORDER, seed: int = 0) -> list[dict]:
-    """Time, measure and check every method on one layer shape; one result dict per method."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def layer_inputs(spec: LayerSpec, batch_size: int, seed: int, device: torch.device):
+    """Synthetic ``(x, grad_output, calibration batch)`` for a table row (seeded, built on CPU, moved)."""
     generator = torch.Generator().manual_seed(seed)
     base = spec.build()
     x = synthetic_activation((batch_size,) + spec.in_shape, generator)
     with torch.no_grad():
         out_shape = base(x[:1]).shape[1:]
     grad_output = torch.randn((batch_size,) + tuple(out_shape), generator=generator) / math.sqrt(batch_size)
+    return base.to(device), x.to(device), grad_output.to(device), x.to(device)
+
+
+def bench_layer(spec, batch_size: int = 128, repeats: int = 5, full_rank: bool = False,
+                methods=METHOD_ORDER, seed: int = 0, device: str | torch.device = "cpu",
+                inputs=None) -> list[dict]:
+    """Time, measure and check every method on one layer; one result dict per method.
+
+    ``inputs`` (optional): ``(module, x (B, …), grad_output (B, …), calibration x)`` — the real layers'
+    captured tensors (:mod:`engine.bench.real`); default: a synthetic row of ``LAYER_TABLE``.
+    Each row carries ``time_ratio_vs_vanilla`` and ``flops_ratio_vs_vanilla`` (the FLOP model's
+    prediction: forward + input grad + weight grad + compression work), and ``time_over_flops`` (their
+    quotient: ≫ 1 flags a layer slower than its arithmetic says).
+    """
+    device = torch.device(device)
+    base, x, grad_output, calibration_x = inputs if inputs is not None else layer_inputs(spec, batch_size, seed, device)
 
     models, handles = {}, {}
     for method in methods:
         model = nn.Sequential(copy.deepcopy(base))
         options = _options(method, full_rank, tuple(x.shape))
-        calibration = [x] if method == "lance" else None
+        calibration = [calibration_x] if method == "lance" else None
         handles[method] = compress_model(model, method, layers=["0"], options=options,
                                          calibration_loader=calibration, calibration_batches=1, seed=seed)
         models[method] = model
@@ -116,11 +135,14 @@ def bench_layer(spec: LayerSpec, batch_size: int = 128, repeats: int = 5, full_r
         model = models[method]
         model.zero_grad(set_to_none=True)
         inp = x.detach().requires_grad_(True)
+        _sync(device)
         t0 = time.perf_counter()
         with SavedBytesMeter(model) as meter:
             out = model(inp)
+        _sync(device)
         t1 = time.perf_counter()
         out.backward(grad_output)
+        _sync(device)
         t2 = time.perf_counter()
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3, meter
 
@@ -149,7 +171,7 @@ def bench_layer(spec: LayerSpec, batch_size: int = 128, repeats: int = 5, full_r
         bwd_ms = statistics.median(times[method][1])
         results.append({
             "layer": spec.label,
-            "shape": [batch_size, *spec.in_shape],
+            "shape": list(x.shape),
             "method": method,
             "ranks": stats.get("ranks"),
             "fwd_ms": round(fwd_ms, 3),
@@ -160,36 +182,71 @@ def bench_layer(spec: LayerSpec, batch_size: int = 128, repeats: int = 5, full_r
             "flops": int(sum(stats.get("flops", {}).values())),
             "grad_rel_error": float((grad - exact).norm() / exact.norm()),
         })
+    vanilla = next((r for r in results if r["method"] == "vanilla"), None)
+    for r in results:
+        if vanilla is not None:
+            r["time_ratio_vs_vanilla"] = round(r["step_ms"] / vanilla["step_ms"], 4)
+            r["flops_ratio_vs_vanilla"] = round(r["flops"] / vanilla["flops"], 4)
+            r["time_over_flops"] = round(r["time_ratio_vs_vanilla"] / max(r["flops_ratio_vs_vanilla"], 1e-9), 3)
     return results
 
 
 def run(batch_size: int = 128, repeats: int = 5, full_rank: bool = False, methods=METHOD_ORDER,
-        layers: tuple[LayerSpec, ...] = LAYER_TABLE, progress=None) -> dict:
-    """The whole table: ``{"results": [...], "summary": {method: {...ratios...}}, "config": {...}}``."""
+        layers=LAYER_TABLE, progress=None, device: str | torch.device = "cpu", layer_inputs_fn=None) -> dict:
+    """The whole table: ``{"results": [...], "summary": {method: {...ratios...}}, "config": {...}}``.
+
+    ``layer_inputs_fn(spec, batch_size)`` (optional) gives a row's ``(module, x, grad_output, calibration x)``
+    (the real layers); default: synthetic inputs for ``LAYER_TABLE``.
+    """
     results = []
     for spec in layers:
-        rows = bench_layer(spec, batch_size, repeats, full_rank, methods)
+        inputs = layer_inputs_fn(spec, batch_size) if layer_inputs_fn is not None else None
+        rows = bench_layer(spec, batch_size, repeats, full_rank, methods, device=device, inputs=inputs)
         results.extend(rows)
         if progress is not None:
             progress(spec, rows)
+    return {
+        "config": {"batch_size": batch_size, "repeats": repeats, "full_rank": full_rank, "device": str(device),
+                   "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "results": results,
+        "summary": summarize(results, methods),
+    }
+
+
+def summarize(results: list[dict], methods) -> dict:
+    """Per method: sums over the layers and their ratios to vanilla's sums, plus the worst layer's time ratio."""
     summary = {}
     totals = {m: {k: sum(r[k] for r in results if r["method"] == m) for k in
                   ("fwd_ms", "bwd_ms", "step_ms", "saved_bytes", "analytic_bytes", "flops")} for m in methods}
     base = totals.get("vanilla")
     for method in methods:
         t = totals[method]
-        errors = [r["grad_rel_error"] for r in results if r["method"] == method]
+        rows = [r for r in results if r["method"] == method]
+        worst = max(rows, key=lambda r: r.get("time_ratio_vs_vanilla", 0.0))
         summary[method] = {
             "step_ms": round(t["step_ms"], 3),
             "saved_bytes": t["saved_bytes"],
             "step_ratio_vs_vanilla": round(t["step_ms"] / base["step_ms"], 4) if base else None,
             "memory_ratio_vs_vanilla": round(t["saved_bytes"] / base["saved_bytes"], 6) if base else None,
             "flops_ratio_vs_vanilla": round(t["flops"] / base["flops"], 4) if base else None,
-            "max_grad_rel_error": max(errors),
+            "max_layer_time_ratio": worst.get("time_ratio_vs_vanilla"),
+            "max_layer": worst["layer"],
+            "max_grad_rel_error": max(r["grad_rel_error"] for r in rows),
         }
+    return summary
+
+
+def run_batch_sizes(batch_sizes, repeats: int = 5, full_rank: bool = False, methods=METHOD_ORDER,
+                    layers=LAYER_TABLE, progress=None, device: str | torch.device = "cpu",
+                    layer_inputs_fn=None) -> dict:
+    """:func:`run` once per batch size: ``{"config": {...}, "by_batch_size": {"32": report, …}}``."""
+    reports = {}
+    for batch_size in batch_sizes:
+        reports[str(batch_size)] = run(batch_size, repeats, full_rank, methods, layers, progress, device,
+                                       layer_inputs_fn)
     return {
-        "config": {"batch_size": batch_size, "repeats": repeats, "full_rank": full_rank,
-                   "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "results": results,
-        "summary": summary,
+        "config": {"batch_sizes": list(batch_sizes), "repeats": repeats, "full_rank": full_rank,
+                   "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "inputs": "synthetic" if layer_inputs_fn is None else "real"},
+        "by_batch_size": reports,
     }
