@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     layers = sub.add_parser(
         "layers",
-        help="time / memory / gradient error of every method on the last 4 layers of MCUNet-in3, MobileNetV2, ResNet-18",
+        help="time / memory / gradient error of every method on the last 4 layers of MCUNet-in3, MobileNetV2, "
+             "ResNet-18",
     )
     layers.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' for stdout)")
     layers.add_argument("--full-rank", action="store_true", help="every low-rank method at full rank (exactness check)")
