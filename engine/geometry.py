@@ -42,17 +42,21 @@ class ConvGeometry:
         return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, self.stride, 0, self.dilation, self.groups)
 
     def input_grad(self, grad_output: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        """Exact dL/dx from ``grad_output (B, C', H', W')`` and the weight only."""
+        """Exact dL/dx from ``grad_output (B, C', H', W')`` and the weight only.
+
+        The input argument of ``convolution_backward`` only supplies a shape; it is an uninitialised
+        tensor, not an expanded scalar (mkldnn makes an expanded one contiguous: a full copy per call).
+        """
         top, bottom, left, right = self.padding
         batch, channels, height, width = input_shape
         if self.symmetric:
-            dummy = grad_output.new_empty(1).expand(tuple(input_shape))
+            dummy = grad_output.new_empty(tuple(input_shape))
             return torch.ops.aten.convolution_backward(
                 grad_output, dummy, weight, None, list(self.stride), [top, left], list(self.dilation),
                 False, [0, 0], self.groups, [True, False, False],
             )[0]
         padded_shape = (batch, channels, height + top + bottom, width + left + right)
-        dummy = grad_output.new_empty(1).expand(padded_shape)
+        dummy = grad_output.new_empty(padded_shape)
         grad = torch.ops.aten.convolution_backward(
             grad_output, dummy, weight, None, list(self.stride), [0, 0], list(self.dilation),
             False, [0, 0], self.groups, [True, False, False],

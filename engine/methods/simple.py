@@ -146,7 +146,7 @@ def _filtered_input_grad_pointwise(g_avg: Tensor, weight: Tensor, geometry, patc
     """A 1×1 conv, no padding: ``dX[::s, ::s] = broadcast(Wᵀ Ḡ)`` — the channel mix runs on the ``h×w`` grid."""
     b, _, h, w = g_avg.shape
     mixed = torch.ops.aten.convolution_backward(
-        g_avg, g_avg.new_empty(1).expand(b, input_shape[1], h, w), weight, None, [1, 1], [0, 0], [1, 1],
+        g_avg, g_avg.new_empty((b, input_shape[1], h, w)), weight, None, [1, 1], [0, 0], [1, 1],
         False, [0, 0], geometry.groups, [True, False, False],
     )[0]  # (B, C, h, w)
     lifted = broadcast_patches(mixed, patch, out_hw)  # (B, C, H', W')
@@ -169,6 +169,6 @@ def _filtered_input_grad_grid(g_avg: Tensor, weight: Tensor, geometry, patch: in
             combined[:, :, sh * th : sh * th + kh, sw * tw : sw * tw + kw] += weight
     top, _, left, _ = geometry.padding
     return torch.ops.aten.convolution_backward(
-        g_avg, g_avg.new_empty(1).expand(tuple(input_shape)), combined, None, [sh * patch, sw * patch],
+        g_avg, g_avg.new_empty(tuple(input_shape)), combined, None, [sh * patch, sw * patch],
         [top, left], [1, 1], False, [0, 0], geometry.groups, [True, False, False],
     )[0]
