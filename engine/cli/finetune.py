@@ -176,6 +176,11 @@ def run(args) -> int:
             _write_json(args.json, summary_for_json(results))
     if results:
         print_table(results)
+        for r in results:  # a planned run: what the plan promised beside what was measured
+            s = r.summary
+            if s.get("plan_total_bytes") is not None:
+                print(f"[{r.method}] plan ({s.get('plan_source')}): {s['plan_total_bytes']} layer bytes "
+                      f"(budget {s.get('budget_bytes')}), measured peak {s.get('layer_activation_bytes'):.0f}")
     for r in results:
         if r.status != "completed" and r.message:
             print(f"[{r.method}] {r.status}: {r.message}", file=sys.stderr)
