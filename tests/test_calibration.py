@@ -264,8 +264,10 @@ def test_result_json_round_trip_and_selection_on_real_calibration(digits_cnn, tm
     tuned = [layer for layer in loaded.layers if layer["finetuned"]]
     assert [layer["name"] for layer in tuned] == ["5", "8", "10"]
     assert all(layer["perplexity"] is None for layer in loaded.layers if not layer["finetuned"])
-    costs = [layer["bytes"] for layer in tuned]
-    values = [layer["perplexity"] for layer in tuned]
+    # the option set: every ε smaller than raw, plus "uncompressed" (raw bytes, perplexity 0)
+    costs = [[b for b in layer["bytes"] if b < layer["full_bytes"]] + [layer["full_bytes"]] for layer in tuned]
+    values = [[p for b, p in zip(layer["bytes"], layer["perplexity"]) if b < layer["full_bytes"]] + [0.0]
+              for layer in tuned]
     least = sum(min(c) for c in costs)
     most = sum(max(c) for c in costs)
     for budget in (least, (least + most) // 2, most, most * 2):
@@ -275,8 +277,13 @@ def test_result_json_round_trip_and_selection_on_real_calibration(digits_cnn, tm
         assert selection.total_perplexity == pytest.approx(brute.total_value)
         assert selection.total_bytes == sum(c.bytes for c in selection.layers)
         for choice, layer in zip(selection.layers, tuned):
+            assert choice.bytes <= layer["full_bytes"]
+            if choice.stored == "raw":
+                assert choice.eps is None and choice.bytes == layer["full_bytes"] and choice.perplexity == 0.0
+                assert choice.ranks == [loaded.batch_size] + layer["input_shape"][1:]
+                continue
             j = loaded.eps_grid.index(choice.eps)
-            assert choice.ranks == layer["ranks"][j] and choice.bytes == layer["bytes"][j]
+            assert choice.ranks == layer["ranks"][j] and choice.bytes == layer["bytes"][j] < layer["full_bytes"]
         assert set(selection.ranks_by_layer()) == {"5", "8", "10"}
     with pytest.raises(InfeasibleBudget) as err:
         select_ranks(loaded.to_dict(), f"{least - 1}")

@@ -41,7 +41,7 @@ class CalibrationResult:
          stored: ["compressed" | "raw" per ε] | None, grad_norm: float | None}
 
     ``bytes`` are what training stores at those ranks: the Tucker bytes, or ``full_bytes`` where the
-    Tucker form is not smaller (``stored == "raw"``; the gradient is then exact: perplexity 0).
+    Tucker form is not smaller (``stored == "raw"``; training then keeps the activation, exact).
 
     ``bytes``/``perplexity`` exist for the fine-tuned layers only and are for a batch of ``batch_size``.
     """
@@ -164,7 +164,8 @@ def calibrate_model(
     ``loss_fn(model(x), y)`` is the fine-tuning loss (use the real head). Ranks per ε come from the
     accumulated spectra and are clipped to the perplexity batch; bytes are ``tucker_bytes`` of that
     batch's input shape at those ranks (float32), or the raw activation's where the Tucker form is not
-    smaller (``stored[j] == "raw"``: training keeps the activation, perplexity 0).
+    smaller (``stored[j] == "raw"``: training keeps the activation; the rank selection then offers the
+    exact "uncompressed" option instead).
     """
     grid = check_eps_grid(eps_grid)
     batches = list(batches)
@@ -239,14 +240,13 @@ def calibrate_model(
         d["full_bytes"] = math.prod(shape) * ELEMENT_BYTES
         if name in rows:
             # never worse than raw: at ranks whose Tucker form is not smaller, training stores the activation
-            # itself (exact gradient), so the option costs full_bytes and has no gradient error
+            # itself (exact gradient), so the option costs full_bytes (perplexity: still the measured truncation)
             stored = [stored_bytes(shape, row["ranks"], ELEMENT_BYTES) for row in rows[name]]
             d["ranks"] = [row["ranks"] for row in rows[name]]
             d["stored"] = ["raw" if raw else "compressed" for _, raw in stored]
             d["bytes"] = [b for b, _ in stored]
-            d["perplexity"] = [0.0 if raw else row["perplexity"] for (_, raw), row in zip(stored, rows[name])]
-            d["relative_perplexity"] = [0.0 if raw else row["relative_perplexity"]
-                                        for (_, raw), row in zip(stored, rows[name])]
+            d["perplexity"] = [row["perplexity"] for row in rows[name]]
+            d["relative_perplexity"] = [row["relative_perplexity"] for row in rows[name]]
             d["grad_norm"] = grad_norms[name]
         else:
             d["bytes"] = d["perplexity"] = d["relative_perplexity"] = d["grad_norm"] = d["stored"] = None

@@ -209,7 +209,7 @@ def solve_plan(calibration: Any, budget: str | int | float, batch_size: int, *, 
         perplexity=[layer["perplexity"] for layer in tuned], budget=budget,
         relative_perplexity=[layer["relative_perplexity"] for layer in tuned]
         if all(layer.get("relative_perplexity") for layer in tuned) else None,
-        full_bytes=full)
+        full_bytes=full, shapes=shapes)
     per_layer = []
     for choice, shape, full_bytes in zip(selection.layers, shapes, full):
         chosen = clip_to_shape(choice.ranks, shape)

@@ -3,6 +3,12 @@
 ``select_ranks(calibration, budget)`` reads a calibration (a :class:`CalibrationResult` or its JSON dict)
 and solves the multiple-choice knapsack over its fine-tuned layers; ``select_ranks_from_arrays`` is the
 same on plain arrays, for users with their own measurements.
+
+Never worse than raw: where the uncompressed activation's bytes are known (``full_bytes``), every layer
+also has the option "uncompressed" (cost ``full_bytes``, perplexity 0: the exact gradient; ``eps`` None,
+ranks = the full input shape, ``stored == "raw"``), and an ε option that is not smaller than the raw
+activation is dropped — the engine would store the activation for it anyway
+(:func:`engine.methods.base.stores_raw`).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from engine.calibration.budget import parse_budget
 from engine.calibration.knapsack import InfeasibleBudget, solve_multiple_choice_knapsack
+from engine.methods.base import stores_raw
 
 
 @dataclass
@@ -19,12 +26,13 @@ class LayerChoice:
     """The choice for one layer: ``bytes`` stored for backward at ``ranks`` (ε = ``eps``) and its gradient error."""
 
     name: str
-    eps: float
+    eps: float | None
     ranks: list[int]
     bytes: int
     perplexity: float
     relative_perplexity: float | None = None
     full_bytes: int | None = None  # the uncompressed activation (what vanilla stores)
+    stored: str = "compressed"     # "raw": the "uncompressed" option (eps None, ranks = the input shape)
 
 
 @dataclass
@@ -60,11 +68,15 @@ def select_ranks_from_arrays(
     budget: str | int | float,
     relative_perplexity: Sequence[Sequence[float]] | None = None,
     full_bytes: Sequence[int] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
 ) -> Selection:
     """Exact choice of one ε per layer minimising Σ perplexity with Σ bytes <= budget.
 
     ``ranks[i][j]``, ``bytes_[i][j]``, ``perplexity[i][j]``: layer ``i`` at ``eps_grid[j]``. Bytes are
-    rounded up. Raises :class:`InfeasibleBudget` (with the least feasible total) below that total.
+    rounded up. ``full_bytes[i]``: layer ``i``'s raw activation at the same batch size; with it, options
+    not smaller than raw are dropped and, given ``shapes[i]`` (the input shape, batch first), the
+    "uncompressed" option is added (see the module doc). Raises :class:`InfeasibleBudget` (with the
+    least feasible total) below that total.
     """
     budget_bytes = parse_budget(budget)
     n = len(names)
@@ -73,18 +85,41 @@ def select_ranks_from_arrays(
             raise ValueError(f"{label} must have one row per layer ({n}) and one entry per ε ({len(eps_grid)})")
     if n == 0:
         raise ValueError("no fine-tuned layers to choose ranks for: the calibration measured no perplexity")
-    solution = solve_multiple_choice_knapsack(bytes_, perplexity, budget_bytes, unit="bytes")
+    if shapes is not None and (full_bytes is None or len(shapes) != n):
+        raise ValueError("shapes needs full_bytes and one input shape per layer")
+    options = [_layer_options(i, eps_grid, ranks, bytes_, perplexity, relative_perplexity, full_bytes, shapes)
+               for i in range(n)]
+    solution = solve_multiple_choice_knapsack([[o["bytes"] for o in opts] for opts in options],
+                                              [[o["perplexity"] for o in opts] for opts in options],
+                                              budget_bytes, unit="bytes")
     layers = []
     for i, j in enumerate(solution.choices):
+        o = options[i][j]
         layers.append(LayerChoice(
-            name=names[i], eps=float(eps_grid[j]), ranks=[int(r) for r in ranks[i][j]],
-            bytes=math.ceil(bytes_[i][j]), perplexity=float(perplexity[i][j]),
-            relative_perplexity=None if relative_perplexity is None else float(relative_perplexity[i][j]),
-            full_bytes=None if full_bytes is None else int(full_bytes[i]),
+            name=names[i], eps=o["eps"], ranks=[int(r) for r in o["ranks"]],
+            bytes=math.ceil(o["bytes"]), perplexity=float(o["perplexity"]),
+            relative_perplexity=o["relative_perplexity"],
+            full_bytes=None if full_bytes is None else int(full_bytes[i]), stored=o["stored"],
         ))
     return Selection(budget_bytes=budget_bytes, total_bytes=solution.total_cost,
                      total_perplexity=solution.total_value, layers=layers, cost_unit_bytes=solution.cost_unit,
                      vanilla_bytes=None if full_bytes is None else int(sum(full_bytes)))
+
+
+def _layer_options(i, eps_grid, ranks, bytes_, perplexity, relative_perplexity, full_bytes, shapes) -> list[dict]:
+    """Layer ``i``'s options: its ε choices smaller than raw, plus "uncompressed" where the shape is known."""
+    options = [{"eps": float(eps_grid[j]), "ranks": ranks[i][j], "bytes": bytes_[i][j],
+                "perplexity": float(perplexity[i][j]), "stored": "compressed",
+                "relative_perplexity": None if relative_perplexity is None else float(relative_perplexity[i][j])}
+               for j in range(len(eps_grid))]
+    if full_bytes is None:
+        return options
+    raw = int(full_bytes[i])
+    smaller = [o for o in options if not stores_raw(math.ceil(o["bytes"]), raw)]
+    if shapes is not None:
+        return smaller + [{"eps": None, "ranks": [int(d) for d in shapes[i]], "bytes": raw, "perplexity": 0.0,
+                           "relative_perplexity": 0.0, "stored": "raw"}]
+    return smaller or [min(options, key=lambda o: o["bytes"])]
 
 
 def select_ranks(calibration: Any, budget: str | int | float) -> Selection:
@@ -105,6 +140,7 @@ def select_ranks(calibration: Any, budget: str | int | float) -> Selection:
         budget=budget,
         relative_perplexity=[layer["relative_perplexity"] for layer in layers],
         full_bytes=[layer["full_bytes"] for layer in layers],
+        shapes=[[int(data["batch_size"])] + [int(d) for d in layer["input_shape"][1:]] for layer in layers],
     )
     selection.batch_size = data.get("batch_size")
     return selection
