@@ -117,8 +117,9 @@ def view_from_result(result: dict) -> dict:
         if layer.get("bytes") is not None:
             view["bytes"][name] = [int(b) for b in layer["bytes"]]
         else:
-            view["bytes"][name] = [_tucker_bytes(shape, [min(int(r), d) for r, d in zip(ranks, shape)])
-                                   for ranks in layer["ranks"]]
+            # never worse than raw: a Tucker form not smaller than the input is stored as the input
+            view["bytes"][name] = [min(_tucker_bytes(shape, [min(int(r), d) for r, d in zip(ranks, shape)]),
+                                       view["vanilla_bytes"][name]) for ranks in layer["ranks"]]
         if layer.get("perplexity") is not None:
             view["perplexity"][name] = layer["perplexity"]
             view["relative"][name] = layer["relative_perplexity"]
