@@ -110,6 +110,17 @@ def backbone_names() -> list[str]:
     return names
 
 
+def backbone_summary(backbone: str) -> str:
+    """One line from the backbone's registry entry: what it is, its size, resolution and weights source."""
+    entry = engine_attr("engine.models", "backbone_spec")(backbone)
+    parts = [entry.description, f"{entry.num_params / 1e6:.2f} M parameters", f"native {entry.resolution} px"]
+    if entry.macs:
+        parts.append(f"{entry.macs / 1e6:.1f} M MACs")
+    if entry.weights is not None:
+        parts.append(f"{entry.weights.dataset} weights: {entry.weights.url}")
+    return " · ".join(parts)
+
+
 def weights_options(backbone: str) -> list[Option]:
     """Random init always; ImageNet weights for pretrained backbones, marked found here or not."""
     opts = [Option("random init (none)", "none", True, "no download needed")]

@@ -29,6 +29,7 @@ with col1:
     if backbones:
         idx = backbones.index(cfg["backbone"]) if cfg["backbone"] in backbones else 0
         cfg["backbone"] = st.selectbox("Backbone", backbones, index=idx, key="setup_backbone")
+        st.caption(catalog.backbone_summary(cfg["backbone"]))
     weights = catalog.weights_options(cfg["backbone"])
     usable = [o for o in weights if o.available]
     values = [o.value for o in usable]

@@ -72,6 +72,8 @@ def test_setup_defaults_to_digits_small_cnn_and_lists_layers():
     at = _page("setup").run()
     no_exception(at)
     assert at.selectbox(key="setup_backbone").value == "small-cnn"
+    # the backbone's registry entry: 33,946 parameters, 32 px
+    assert any("0.03 M parameters · native 32 px" in c.value for c in at.caption)
     assert at.selectbox(key="setup_dataset").value.value == "digits"
     assert at.radio(key="setup_weights").value.value == "none"
     layers = at.dataframe[0].value

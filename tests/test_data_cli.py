@@ -6,16 +6,14 @@ import json
 import torch
 
 from engine.cli import main
+from engine.models import backbone_spec, build_backbone
 
 
 def test_lance_backbones_json_lists_local_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     folder = tmp_path / "weights" / "resnet18"
     folder.mkdir(parents=True)
-    from engine.models import build_backbone
-    from engine.models.torchvision_models import weights_enum
-
-    filename = weights_enum("resnet18").url.rsplit("/", 1)[1]
+    filename = backbone_spec("resnet18").weights.file_names[0]
     torch.save(build_backbone("resnet18", weights="none").model.state_dict(), folder / filename)
     assert main(["backbones", "--json", "--weights-dir", str(tmp_path / "weights")]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["backbones"]}

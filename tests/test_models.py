@@ -8,16 +8,21 @@ import torch
 from torch import nn
 
 from engine.models import (
+    SPECS,
     WeightsMissing,
     available_backbones,
+    backbone_spec,
     build_backbone,
     build_multihead,
     first_trainable_stage,
     head_features,
+    registry,
     split_at_stage,
     stage_of_layer,
 )
-from engine.models.mcunet_configs import BUILTIN_CONFIGS
+from engine.models.mcunet import ProxylessNASNet
+from engine.models.mcunet_configs import builtin_config
+from engine.models.registry import BackboneEntry
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +81,7 @@ def test_mcunet_in3_builtin_config_matches_upstream_shape():
 
 def test_mcunet_from_local_json_and_state_dict(tmp_path):
     """A variant whose config and weights are only in the weights folder (upstream file names)."""
-    config = BUILTIN_CONFIGS["mcunet-in3"]()
+    config = builtin_config("mcunet-in3")
     config["blocks"] = config["blocks"][:6]
     config["blocks"][-1]["mobile_inverted_conv"]["out_channels"] = 24
     config["feature_mix_layer"] = {"name": "ConvLayer", "kernel_size": 1, "stride": 1, "in_channels": 24,
@@ -86,8 +91,6 @@ def test_mcunet_from_local_json_and_state_dict(tmp_path):
     folder = tmp_path / "weights" / "mcunet-in0"
     folder.mkdir(parents=True)
     (folder / "mcunet-10fps_imagenet.json").write_text(json.dumps(config))
-    from engine.models.mcunet import ProxylessNASNet
-
     torch.manual_seed(1)
     reference = ProxylessNASNet(config)
     for m in reference.modules():
@@ -130,9 +133,7 @@ def test_torchvision_weights_from_local_file_and_folder(tmp_path, monkeypatch):
     assert torch.equal(loaded.model.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
     assert head_features(loaded.model) == (512, 5)
     # "imagenet" finds the torchvision file name in the weights folder (as from a download elsewhere)
-    from engine.models.torchvision_models import weights_enum
-
-    filename = weights_enum("resnet18").url.rsplit("/", 1)[1]
+    filename = backbone_spec("resnet18").weights.file_names[0]
     (tmp_path / "w" / "resnet18").mkdir(parents=True)
     torch.save(source.state_dict(), tmp_path / "w" / "resnet18" / filename)
     monkeypatch.setenv("LANCE_WEIGHTS_DIR", str(tmp_path / "w"))
@@ -142,7 +143,7 @@ def test_torchvision_weights_from_local_file_and_folder(tmp_path, monkeypatch):
     # and in the torch hub cache
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    filename_mb = weights_enum("mobilenet_v2").url.rsplit("/", 1)[1]
+    filename_mb = backbone_spec("mobilenet_v2").weights.file_names[0]
     mb = build_backbone("mobilenet_v2", weights="none").model
     torch.save(mb.state_dict(), hub / filename_mb)
     assert build_backbone("mobilenet_v2", weights="imagenet").weights == f"imagenet:{hub / filename_mb}"
@@ -156,8 +157,10 @@ def test_missing_weights_offline_says_where_to_put_them(tmp_path, monkeypatch):
     message = str(info.value)
     assert "mcunet-in3_imagenet.pth" in message and str(tmp_path / "empty") in message
     assert "--weights none" in message and "hanlab18.mit.edu" in message
-    with pytest.raises(WeightsMissing, match="mcunet-512kb-2mb_imagenet.json"):
-        build_backbone("mcunet-in4", weights="none", weights_dir=tmp_path / "empty")  # config needed too
+    with pytest.raises(WeightsMissing, match="mcunet-512kb-2mb_imagenet.pth"):
+        build_backbone("mcunet-in4", weights="imagenet", weights_dir=tmp_path / "empty")
+    # the config is built in: random init needs no file
+    assert build_backbone("mcunet-in4", weights="none", weights_dir=tmp_path / "empty").resolution == 160
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_backbone("small-cnn", weights="imagenet")
 
@@ -260,3 +263,66 @@ def test_small_cnn_trains_on_digits_in_seconds():
     with torch.no_grad():
         acc = (bb.model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.9, acc
+
+
+def _count_macs(model: nn.Module, resolution: int) -> int:
+    """Multiply-adds of convolutions and linear layers in one forward pass of a (1, 3, R, R) input."""
+    total = [0]
+
+    def hook(module, _inputs, out):
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total[0] += out.numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total[0] += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, resolution, resolution))
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+@pytest.mark.parametrize("name", [n for n in available_backbones() if n.startswith("mcunet")])
+def test_every_mcunet_variant_is_built_in_with_the_published_size(name):
+    """Each model-zoo config builds without any file, with the README's parameter count and MACs."""
+    entry = backbone_spec(name)
+    model = build_backbone(name, weights="none").model
+    params = sum(p.numel() for p in model.parameters())
+    macs = _count_macs(model, entry.resolution)
+    assert model.resolution == entry.resolution == builtin_config(name)["resolution"]
+    assert (params, macs) == (entry.num_params, entry.macs)
+    published = entry.meta["published"]  # README precision: 1 or 2 significant decimals in millions
+    digits = len(str(published["params_m"]).split(".")[1])
+    assert round(params / 1e6, digits) == published["params_m"]
+    assert round(macs / 1e6, 1) == published["macs_m"]
+    _check_stages(model, 32 if entry.resolution < 64 else 64)
+
+
+@pytest.mark.parametrize("name", available_backbones())
+def test_registry_entry_describes_the_built_model(name, tmp_path):
+    entry = backbone_spec(name)
+    model = entry.builder(tmp_path)  # an empty weights folder
+    assert sum(p.numel() for p in model.parameters()) == entry.num_params
+    assert head_features(model)[1] == entry.default_classes
+    if entry.pretrained:
+        assert entry.weights.url.startswith("https://") and entry.weights.file_names
+        if entry.weights.hash_prefix:
+            assert entry.weights.hash_prefix in entry.weights.url
+    assert entry.macs is None or entry.macs > 0
+
+
+def test_a_new_backbone_is_one_registry_entry(tmp_path):
+    entry = BackboneEntry(name="tiny-test-net", family="small", builder=lambda _folder: nn.Sequential(),
+                          resolution=32, mean=(0.5,) * 3, std=(0.5,) * 3, description="test", num_params=0)
+    try:
+        registry.register(entry)
+        assert backbone_spec("tiny-test-net") is entry
+        with pytest.raises(ValueError, match="registered twice"):
+            registry.register(entry)
+    finally:
+        registry.REGISTRY.pop("tiny-test-net", None)
+    with pytest.raises(ValueError, match="unknown backbone 'tiny-test-net'; choose one of: .*mcunet-in0"):
+        backbone_spec("tiny-test-net")
+    assert list(SPECS)[:5] == [f"mcunet-in{i}" for i in range(5)]

@@ -1,6 +1,8 @@
 """With ../shared: real MCUNet-in3 ImageNet weights and real CIFAR-10 JPEGs (skipped when absent)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,9 @@ from torch import nn
 
 from engine.data import get_dataset
 from engine.data.feature_cache import cache_model_features, feature_key
-from engine.models import build_backbone, split_at_stage, stage_of_layer
+from engine.models import backbone_spec, build_backbone, split_at_stage, stage_of_layer
+from engine.models.mcunet_configs import builtin_config
+from engine.models.weights import sha256_of
 
 DATA_ROOT = CIFAR10_JPEG.parent
 WEIGHTS_DIR = MCUNET_IN3_DIR.parent
@@ -21,6 +25,23 @@ def _one_thread():
     torch.set_num_threads(1)  # see tests/test_models.py: 2 spinning threads crawl on a shared machine
     yield
     torch.set_num_threads(previous)
+
+
+@needs_mcunet_weights
+def test_builtin_mcunet_in3_config_is_the_released_json_and_its_sha256_recorded():
+    released = json.loads((MCUNET_IN3_DIR / "mcunet-in3_imagenet.json").read_text())
+    built = builtin_config("mcunet-in3")
+    layer_keys = ("in_channels", "out_channels", "kernel_size", "stride", "expand_ratio", "mid_channels",
+                  "act_func", "use_se")
+
+    def shape(cfg):
+        return ([{k: b["mobile_inverted_conv"][k] for k in layer_keys} | {"shortcut": b["shortcut"] is not None}
+                 for b in cfg["blocks"]], cfg["first_conv"]["out_channels"], cfg["classifier"]["in_features"],
+                cfg["feature_mix_layer"], cfg["resolution"], cfg["bn"]["eps"])
+
+    assert shape(built) == shape(released)
+    entry = backbone_spec("mcunet-in3")
+    assert sha256_of(MCUNET_IN3_DIR / "mcunet-in3_imagenet.pth") == entry.weights.sha256
 
 
 @needs_mcunet_weights

@@ -34,7 +34,8 @@ def backbone_rows(weights_dir=None) -> list[dict]:
     for name, spec in SPECS.items():
         row = {"name": name, "family": spec.family, "description": spec.description, "resolution": spec.resolution,
                "mean": list(spec.mean), "std": list(spec.std), "linear_input": spec.linear_input,
-               "pretrained": spec.pretrained, "weights_dir": str(folder)}
+               "num_params": spec.num_params, "macs": spec.macs, "pretrained": spec.pretrained,
+               "weights_dir": str(folder), "sha256": spec.weights.sha256 if spec.weights else None}
         if spec.pretrained:
             path = weights_available(name, weights_dir)
             row["imagenet_weights"] = str(path) if path else None
@@ -46,16 +47,6 @@ def backbone_rows(weights_dir=None) -> list[dict]:
                                  f"use), or run with --weights none / --weights PATH")
         else:
             row.update(imagenet_weights=None, available=True, how_to_get=None)
-        if spec.family == "mcunet" and name != "mcunet-in3":
-            from engine.models import mcunet_config
-            from engine.models.weights import WeightsMissing
-
-            try:
-                mcunet_config(name, folder, allow_download=False)
-            except WeightsMissing:
-                row["available"] = False
-                row["how_to_get"] = (f"needs its network config and weights: put {spec.extra['release']}.json and "
-                                     f".pth in {folder}/{name}/ (downloaded automatically when online)")
         rows.append(row)
     return rows
 
@@ -66,14 +57,15 @@ def run_backbones(args: argparse.Namespace) -> int:
         json.dump({"backbones": rows}, sys.stdout, indent=1)
         print()
         return 0
-    print(f"{'backbone':18} {'res':>4}  {'weights':10} {'linear in':9}  description")
+    print(f"{'backbone':18} {'res':>4} {'params':>7}  {'weights':10} {'linear in':9}  description")
     for r in rows:
         state = ("here" if r["available"] else "MISSING") if r["pretrained"] else "random"
-        print(f"{r['name']:18} {r['resolution']:>4}  {state:10} {r['linear_input']:9}  {r['description']}")
+        print(f"{r['name']:18} {r['resolution']:>4} {r['num_params'] / 1e6:>6.2f}M  {state:10} {r['linear_input']:9}"
+              f"  {r['description']}")
         if r["imagenet_weights"]:
-            print(f"{'':36}weights: {r['imagenet_weights']}")
+            print(f"{'':44}weights: {r['imagenet_weights']}")
         if r["how_to_get"]:
-            print(f"{'':36}how: {r['how_to_get']}")
+            print(f"{'':44}how: {r['how_to_get']}")
     print("\n--weights imagenet|none|PATH; LANCE_WEIGHTS_DIR=DIR for a local weights folder.")
     return 0
 

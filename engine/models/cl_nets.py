@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .registry import CIFAR_MEAN, CIFAR_STD, BackboneEntry, register
 from .stages import Stage, flatten
 
 
@@ -168,3 +169,14 @@ def build_multihead(name: str, task_classes: list[int], resolution: int = 32, se
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         return MultiHeadNet(build_trunk(name, resolution), task_classes, resolution)
+
+
+register(BackboneEntry(
+    name="alexnet-cl", family="continual", builder=lambda _folder: build_multihead("alexnet-cl", [10], 32),
+    resolution=32, mean=CIFAR_MEAN, std=CIFAR_STD, num_params=6_528_896, default_classes=10,
+    description="GPM's 5-layer AlexNet (conv 64-128-256, fc 2048-2048), one head per task"))
+register(BackboneEntry(
+    name="resnet18-reduced", family="continual",
+    builder=lambda _folder: build_multihead("resnet18-reduced", [10], 32), resolution=32, mean=CIFAR_MEAN,
+    std=CIFAR_STD, num_params=1_099_540, default_classes=10,
+    description="GPM's reduced ResNet-18 (nf = 20), one head per task"))

@@ -10,11 +10,17 @@ Input (B, 3, R, R) with R = config["resolution"] natively (any R divisible by 32
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from functools import partial
+from pathlib import Path
 
 from torch import nn
 
+from .mcunet_configs import builtin_config
+from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneEntry, Weights, register
 from .stages import Stage, global_avg_pool
+from .weights import find_local
 
 # net id -> upstream release name (mit-han-lab/mcunet model_zoo.py); files are <name>.json/.pth
 MCUNET_RELEASES = {
@@ -166,3 +172,39 @@ class ProxylessNASNet(nn.Module):
     def replace_head(self, num_classes: int) -> None:
         old = self.classifier.linear
         self.classifier.linear = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+
+
+# ---------------------------------------------------------------- the registry's MCUNet entries
+def mcunet_config(name: str, folder: Path) -> dict:
+    """The JSON config of an MCUNet variant: the upstream file in the weights folder when there
+    (``<name>_imagenet.json`` or ``<release>.json``), else the built-in one."""
+    release = MCUNET_RELEASES[name]
+    local = find_local(name, [f"{name}_imagenet.json", f"{release}.json"], folder)
+    return json.loads(local.read_text()) if local else builtin_config(name)
+
+
+def build_mcunet(name: str, folder: Path) -> ProxylessNASNet:
+    """MCUNet variant ``name`` with random weights (config from :func:`mcunet_config`)."""
+    return ProxylessNASNet(mcunet_config(name, folder))
+
+
+def _mcunet(name: str, num_params: int, macs: int, published: dict, sha256: str | None = None) -> BackboneEntry:
+    """One model-zoo entry; ``published``: the zoo README's rounded figures (M params, M MACs, top-1 %)."""
+    release = MCUNET_RELEASES[name]
+    weights = Weights(url=MCUNET_URL_BASE + release + ".pth", file_names=(f"{name}_imagenet.pth", f"{release}.pth"),
+                      sha256=sha256, meta={"release": release, "config_url": MCUNET_URL_BASE + release + ".json"})
+    return register(BackboneEntry(
+        name=name, family="mcunet", builder=partial(build_mcunet, name), resolution=builtin_config(name)["resolution"],
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_params=num_params, macs=macs, weights=weights,
+        description=f"MCUNet {release} (ImageNet), built-in upstream config",
+        meta={"release": release, "published": published, "source": "mit-han-lab/mcunet model zoo"}))
+
+
+# num_params / macs: counted on the built model at its resolution (tests/test_models.py); "published":
+# the mit-han-lab/mcunet README's model-zoo tables (Param, MACs, FP top-1)
+_mcunet("mcunet-in0", 749_840, 6_364_224, {"params_m": 0.7, "macs_m": 6.4, "top1": 41.5})
+_mcunet("mcunet-in1", 636_232, 12_790_096, {"params_m": 0.6, "macs_m": 12.8, "top1": 51.5})
+_mcunet("mcunet-in2", 729_392, 67_287_200, {"params_m": 0.73, "macs_m": 67.3, "top1": 60.9})
+_mcunet("mcunet-in3", 737_408, 81_785_520, {"params_m": 0.74, "macs_m": 81.8, "top1": 62.2},
+        sha256="c0d4ccf4bb8ba93ef69a609c60ca053be2c6bab3b4ece19d9b7e66cec8a485e5")  # ../shared/weights/mcunet-in3
+_mcunet("mcunet-in4", 1_732_640, 125_874_400, {"params_m": 1.7, "macs_m": 125.9, "top1": 68.4})

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from torch import nn
 from torch.nn import functional as F
 
+from .registry import BackboneEntry, register
 from .stages import Stage, flatten
 
 
@@ -44,3 +45,9 @@ class SmallCNN(nn.Module):
     def stages(self):
         return [("block1", Stage(self, ["block1"])), ("block2", Stage(self, ["block2"])),
                 ("block3", Stage(self, ["block3"])), ("head", Stage(self, [pool4, flatten, "classifier"]))]
+
+
+register(BackboneEntry(
+    name="small-cnn", family="small", builder=lambda _folder: SmallCNN(num_classes=10), resolution=32,
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_params=33_946, default_classes=10,
+    description="tiny CNN (3 conv+BN+ReLU, linear head), random init, 32 px"))

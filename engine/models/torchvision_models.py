@@ -6,11 +6,13 @@ last-k fine-tuning is as long as possible. Swin-T's linear layers see 4-D inputs
 """
 from __future__ import annotations
 
-from functools import partial
+import os
 
 from torch import nn
+from torchvision import models
 from torchvision.models import mobilenetv2, resnet, swin_transformer
 
+from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneEntry, Weights, register
 from .stages import Stage, flatten
 
 
@@ -77,21 +79,20 @@ def build_swin_t() -> SwinStaged:
                       window_size=[7, 7], stochastic_depth_prob=0.2, num_classes=1000)
 
 
-def weights_enum(name: str):
-    """torchvision's weight enum entry (DEFAULT) for a backbone name."""
-    from torchvision import models
+def _torchvision(name: str, builder, enum, description: str, linear_input: str = "2-D") -> BackboneEntry:
+    """An entry from torchvision's weight enum (URL, parameter count, accuracy, torchvision's GFLOPS)."""
+    file_name = os.path.basename(enum.url)
+    weights = Weights(url=enum.url, file_names=(file_name, f"{name}.pth"),
+                      hash_prefix=file_name.rsplit("-", 1)[1].split(".")[0], torch_hub=True,
+                      meta={"torchvision": str(enum), "top1": enum.meta["_metrics"]["ImageNet-1K"]["acc@1"]})
+    return register(BackboneEntry(
+        name=name, family="torchvision", builder=lambda _folder: builder(), resolution=224, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, description=description, num_params=enum.meta["num_params"], weights=weights,
+        linear_input=linear_input, meta={"gflops": enum.meta["_ops"]}))
 
-    return {
-        "mobilenet_v2": models.MobileNet_V2_Weights.DEFAULT,
-        "resnet18": models.ResNet18_Weights.DEFAULT,
-        "resnet34": models.ResNet34_Weights.DEFAULT,
-        "swin_t": models.Swin_T_Weights.DEFAULT,
-    }[name]
 
-
-BUILDERS = {
-    "mobilenet_v2": build_mobilenet_v2,
-    "resnet18": partial(build_resnet, 18),
-    "resnet34": partial(build_resnet, 34),
-    "swin_t": build_swin_t,
-}
+_torchvision("mobilenet_v2", build_mobilenet_v2, models.MobileNet_V2_Weights.DEFAULT, "torchvision MobileNetV2")
+_torchvision("resnet18", lambda: build_resnet(18), models.ResNet18_Weights.DEFAULT, "torchvision ResNet-18")
+_torchvision("resnet34", lambda: build_resnet(34), models.ResNet34_Weights.DEFAULT, "torchvision ResNet-34")
+_torchvision("swin_t", build_swin_t, models.Swin_T_Weights.DEFAULT, "torchvision Swin-T (4-D linear inputs)",
+             linear_input="4-D")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneEntry, Weights, register
 from .stages import Stage
 
 DEIT_TINY_URL = "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"
@@ -118,3 +119,11 @@ class VisionTransformer(nn.Module):
         out += [(f"blocks.{i}", Stage(self, [f"blocks.{i}"])) for i in range(len(self.blocks))]
         out.append(("head", Stage(self, [self.classify], covers=["norm", "head"])))
         return out
+
+
+register(BackboneEntry(
+    name="vit-tiny", family="vit", builder=lambda _folder: VisionTransformer(num_classes=1000), resolution=224,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, num_params=5_717_416, linear_input="3-D",
+    description="ViT with the DeiT-Tiny shape (patch 16, dim 192, depth 12, heads 3)",
+    weights=Weights(url=DEIT_TINY_URL, file_names=(DEIT_TINY_URL.rsplit("/", 1)[1], "vit-tiny.pth"),
+                    hash_prefix="a1311bcf", meta={"release": "DeiT-Tiny (facebookresearch/deit)", "top1": 72.2})))
