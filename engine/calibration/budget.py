@@ -20,6 +20,8 @@ UNIT_BYTES: dict[str, int] = {
     "gib": 2**30,
 }
 
+MAX_BUDGET_BYTES = 10**18  # 1 EB: anything larger is a typo (1e300GB), not a device
+
 _BUDGET_RE = re.compile(r"^\s*(?P<number>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[A-Za-z]*)\s*$")
 
 
@@ -40,6 +42,8 @@ def parse_budget(budget: str | int | float) -> int:
         if isinstance(budget, int):
             if budget < 0:
                 raise BudgetError(f"budget must not be negative, got {budget}")
+            if budget > MAX_BUDGET_BYTES:
+                raise BudgetError(f"budget {budget} is more than {MAX_BUDGET_BYTES:.0e} bytes (1 EB)")
             return int(budget)
     else:
         match = _BUDGET_RE.match(str(budget))
@@ -57,8 +61,12 @@ def parse_budget(budget: str | int | float) -> int:
         )
     if not math.isfinite(number) or number < 0:
         raise BudgetError(f"budget must be a finite, non-negative amount, got {budget!r}")
+    n_bytes = number * factor
+    if not math.isfinite(n_bytes) or n_bytes > MAX_BUDGET_BYTES:
+        raise BudgetError(f"budget {budget!r} is more than {MAX_BUDGET_BYTES:.0e} bytes (1 EB); give a size a "
+                          "device has, e.g. 0.5MB or 2GB")
     # round(…, 6) first so that 0.1MB does not become 99999 bytes through binary floating point.
-    return int(math.floor(round(number * factor, 6)))
+    return int(math.floor(round(n_bytes, 6)))
 
 
 def format_bytes(n_bytes: int | float) -> str:

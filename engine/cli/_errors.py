@@ -37,7 +37,7 @@ def describe_os_error(exc: OSError) -> str:
 def bad_input_types() -> tuple[type, ...]:
     """Errors that mean "the user asked for something impossible": exit 2."""
     from engine.calibration.budget import BudgetError
-    from engine.data.errors import DatasetMissing
+    from engine.data.errors import BadImage, DatasetMissing
     from engine.store import StoreError
     from engine.train.config import ConfigError
 
@@ -48,7 +48,7 @@ def bad_input_types() -> tuple[type, ...]:
         from engine.models import WeightsMissing
     except ImportError:  # pragma: no cover
         WeightsMissing = _Never
-    return (ConfigError, BudgetError, DatasetMissing, WeightsMissing, StoreError)
+    return (ConfigError, BudgetError, DatasetMissing, BadImage, WeightsMissing, StoreError)
 
 
 def run_guarded(func: Callable, args, prog: str = "lance") -> int:

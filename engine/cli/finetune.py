@@ -63,6 +63,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last finished epoch")
     p.add_argument("--job-id", default=None, help="tag the runs with this job id (the app's job runner)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable (truncated, corrupt) images out, with a count, instead of stopping")
     p.set_defaults(func=run)
 
     e = subparsers.add_parser(
@@ -136,13 +138,20 @@ def print_table(results, stream=None) -> None:
 
 
 def run(args) -> int:
-    from engine.data.errors import DatasetMissing
+    import os
+
+    from engine.cli.validate import check_not_empty
+    from engine.data.decode import SKIP_BAD_IMAGES_ENV
+    from engine.data.errors import BadImage, DatasetMissing
     from engine.store import RunStore, StoreError
     from engine.train.config import ConfigError
     from engine.train.session import resume_config, run_finetune, summary_for_json
     from engine.train.sinks import ProgressSink
 
+    if getattr(args, "skip_bad_images", False):
+        os.environ[SKIP_BAD_IMAGES_ENV] = "1"
     try:
+        check_not_empty(args, ("backbone", "dataset", "method", "budget", "eps", "ranks", "weights", "resume"))
         store = RunStore()
         if args.resume:
             config = resume_config(store, args.resume, epochs=args.epochs)
@@ -164,7 +173,7 @@ def run(args) -> int:
     try:
         results = run_finetune(config, store=store, sinks=[ProgressSink(disable=True if args.quiet else None)],
                                job_id=args.job_id, log=log, resume_run=resume_id)
-    except (ConfigError, DatasetMissing) as exc:
+    except (ConfigError, DatasetMissing, BadImage) as exc:
         code = _fail("finetune", str(exc))
         if args.json:
             _write_json(args.json, {"runs": [], "error": str(exc)})

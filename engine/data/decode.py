@@ -17,13 +17,43 @@ import torch
 from PIL import Image
 
 from .arrays import ImageArrays
+from .errors import BadImage
 from .paths import cache_dir
+
+SKIP_BAD_IMAGES_ENV = "LANCE_SKIP_BAD_IMAGES"  # "1": leave unreadable images out (``--skip-bad-images``)
+
+
+def skip_bad_images() -> bool:
+    return os.environ.get(SKIP_BAD_IMAGES_ENV, "").strip() in ("1", "true", "yes")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def _decode_one(path: Path, store_size: int | None) -> np.ndarray:
-    """(H, W, 3) uint8; with ``store_size``: shorter side resized to it, then centre-cropped square."""
+    """(H, W, 3) uint8; with ``store_size``: shorter side resized to it, then centre-cropped square.
+
+    Raises ``BadImage`` (naming ``path``) for a file PIL cannot decode (truncated, corrupt, not an image).
+    """
+    try:
+        return _decode_image(path, store_size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImage(path, exc) from None
+
+
+def readable_images(paths: list[Path]) -> tuple[list[int], list[Path]]:
+    """(indices of the files PIL decodes fully, paths of those it cannot)."""
+    good, bad = [], []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            good.append(i)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            bad.append(path)
+    return good, bad
+
+
+def _decode_image(path: Path, store_size: int | None) -> np.ndarray:
     with Image.open(path) as image:
         image = image.convert("RGB")
         if store_size:
@@ -43,8 +73,11 @@ def image_sizes_uniform(paths: list[Path], sample: int = 64) -> tuple[int, int] 
     step = max(1, len(paths) // sample)
     sizes = set()
     for path in paths[::step][:sample] + [paths[-1]]:
-        with Image.open(path) as image:
-            sizes.add(image.size)
+        try:
+            with Image.open(path) as image:
+                sizes.add(image.size)
+        except (OSError, SyntaxError, ValueError):
+            return None  # an unreadable header: decode_files names it
     return sizes.pop() if len(sizes) == 1 else None
 
 

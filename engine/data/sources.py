@@ -20,13 +20,15 @@ import functools
 import gzip
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .arrays import ImageArrays
-from .decode import IMAGE_EXTENSIONS, cached_arrays, decode_files, folder_fingerprint, image_sizes_uniform
+from .decode import (IMAGE_EXTENSIONS, cached_arrays, decode_files, folder_fingerprint, image_sizes_uniform,
+                     readable_images, skip_bad_images)
 
 
 def _limit_per_class(labels: np.ndarray, max_per_class: int | None) -> np.ndarray:
@@ -92,10 +94,19 @@ def _decode_list(label: str, files: list[Path], labels: list[int], classes: list
     keep = _limit_per_class(labels_np, max_per_class)
     files = [files[i] for i in keep]
     labels_np = labels_np[keep]
+    skip = skip_bad_images()
     native = image_sizes_uniform(files)
     size = None if native else (store_size or 224)
     key = {"fingerprint": fingerprint, "n": len(files), "store_size": size, "max_per_class": max_per_class,
            "first": str(files[0]) if files else "", "last": str(files[-1]) if files else ""}
+    if skip:
+        key["skip_bad_images"] = True
+        good, bad = readable_images(files)
+        if bad:
+            print(f"--skip-bad-images: left out {len(bad)} unreadable image(s) of {label} (first: {bad[0]})",
+                  file=sys.stderr, flush=True)
+            files, labels_np = [files[i] for i in good], labels_np[good]
+            key.update(n=len(files), skipped=len(bad))
 
     def build():
         try:
@@ -136,6 +147,11 @@ def load_imagefolder(path: Path, split: str, store_size: int | None, max_per_cla
     layout = imagefolder_layout(path)
     first = layout.get("train") or layout["all"]
     classes = sorted(p.name for p in first.iterdir() if p.is_dir())
+    if split != "train" and split in layout and layout[split] != first:
+        extra = sorted({p.name for p in layout[split].iterdir() if p.is_dir()} - set(classes))
+        if extra:  # they used to be dropped silently
+            raise ValueError(f"{layout[split]} has class folder(s) {', '.join(extra[:5])} that {first} lacks; "
+                             "add them to train or remove them")
     files, labels, classes = imagefolder_files(layout[split], classes)
     if not files:
         raise ValueError(f"no images found under {layout[split]}")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from engine.train.budget import resolve_plans
+from engine.train import preflight
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
 from engine.train.config import ConfigError, FinetuneConfig, validate
 from engine.train.data import (
@@ -496,9 +497,11 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
 
     validate(config)
     store = store or RunStore()
-    if bench is None:  # weights present, --layers possible: fail before any run exists
-        _, backbone, layer_names = load_backbone(config)
+    if bench is None:  # weights present, --layers possible, patch fits, data sane: fail before any run exists
+        model, backbone, layer_names = load_backbone(config)
         resolution = _resolution(config) or backbone.resolution
+        preflight.check_patch(config, model, layer_names, resolution)
+        preflight.check_data(config, resolution, backbone.mean, backbone.std)
     else:
         layer_names, resolution = bench.layer_names, bench.resolution
     # plans (--ranks / --budget): a mismatched plan or an infeasible budget creates no run
