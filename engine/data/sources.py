@@ -27,8 +27,15 @@ import numpy as np
 import torch
 
 from .arrays import ImageArrays
-from .decode import (IMAGE_EXTENSIONS, cached_arrays, decode_files, folder_fingerprint, image_sizes_uniform,
-                     readable_images, skip_bad_images)
+from .decode import (
+    IMAGE_EXTENSIONS,
+    cached_arrays,
+    decode_files,
+    folder_fingerprint,
+    image_sizes_uniform,
+    readable_images,
+    skip_bad_images,
+)
 
 
 def _limit_per_class(labels: np.ndarray, max_per_class: int | None) -> np.ndarray:

@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from engine.train.budget import resolve_plans
 from engine.train import preflight
+from engine.train.budget import resolve_plans
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
 from engine.train.config import ConfigError, FinetuneConfig, validate
 from engine.train.data import (
