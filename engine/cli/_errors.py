@@ -53,7 +53,7 @@ def bad_input_types() -> tuple[type, ...]:
 
 def run_guarded(func: Callable, args, prog: str = "lance") -> int:
     """``func(args)`` with every escaping error turned into a message and an exit status."""
-    from engine.store import StoreDamaged, StoreReadOnly
+    from engine.store import StoreDamaged, StoreReadOnly, StoreUnavailable
 
     try:
         return int(func(args) or 0)
@@ -63,7 +63,7 @@ def run_guarded(func: Callable, args, prog: str = "lance") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (StoreDamaged, StoreReadOnly) as exc:
+    except (StoreDamaged, StoreReadOnly, StoreUnavailable) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except bad_input_types() as exc:

@@ -143,7 +143,7 @@ def run(args) -> int:
     from engine.cli.validate import check_not_empty
     from engine.data.decode import SKIP_BAD_IMAGES_ENV
     from engine.data.errors import BadImage, DatasetMissing
-    from engine.store import RunStore, StoreError
+    from engine.store import RunStore, StoreDamaged, StoreError, StoreReadOnly, StoreUnavailable
     from engine.train.config import ConfigError
     from engine.train.session import resume_config, run_finetune, summary_for_json
     from engine.train.sinks import ProgressSink
@@ -162,6 +162,8 @@ def run(args) -> int:
         from engine.train.config import validate
 
         validate(config)
+    except (StoreDamaged, StoreReadOnly, StoreUnavailable) as exc:  # the store failed, not the input
+        return _fail("finetune", str(exc), code=1)
     except (ConfigError, StoreError, DatasetMissing) as exc:
         return _fail("finetune", str(exc))
 

@@ -10,14 +10,15 @@ See ``docs/CONTRACTS.md`` ("Run store") for the API every other piece relies on.
 """
 from engine.store.paths import default_root
 from engine.store.runs import (
-                               RUN_KINDS,
-                               RUN_STATUSES,
-                               RunNotFound,
-                               RunStore,
-                               StoreDamaged,
-                               StoreError,
-                               StoreReadOnly,
+    RUN_KINDS,
+    RUN_STATUSES,
+    RunNotFound,
+    RunStore,
+    StoreDamaged,
+    StoreError,
+    StoreReadOnly,
+    StoreUnavailable,
 )
 
 __all__ = ["RUN_KINDS", "RUN_STATUSES", "RunNotFound", "RunStore", "StoreDamaged", "StoreError", "StoreReadOnly",
-           "default_root"]
+           "StoreUnavailable", "default_root"]

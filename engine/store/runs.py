@@ -91,6 +91,10 @@ class StoreReadOnly(StoreError):
     """The store was opened read-only (a read-only disk or folder): it can be read, not written."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's disk failed us (full, I/O error, unwritable): the message keeps the cause."""
+
+
 class StoreDamaged(StoreError):
     """The database is damaged, emptied or missing while run folders exist; ``lance runs repair`` fixes it."""
 
@@ -177,6 +181,9 @@ class RunStore:
                 if not (isinstance(cause, sqlite3.OperationalError) and _is_readonly_error(cause)):
                     if isinstance(exc, StoreError):
                         raise
+                    if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O error: not damage
+                        raise StoreUnavailable(f"cannot open the run store {self.db_path}: {exc}; check free disk "
+                                               "space (df) and that the folder is writable") from exc
                     raise self._damaged(exc) from exc
                 self.close()
                 self.read_only = True
@@ -240,7 +247,7 @@ class RunStore:
         try:
             return fn()
         except OSError as exc:
-            raise StoreError(f"cannot write {what}: {exc.strerror or exc} ({_errno_name(exc)}); "
+            raise StoreUnavailable(f"cannot write {what}: {exc.strerror or exc} ({_errno_name(exc)}); "
                              "free disk space or make the folder writable") from exc
 
     # ------------------------------------------------------------------ connections
@@ -298,7 +305,7 @@ class RunStore:
                 raise
         except sqlite3.OperationalError as exc:
             if _is_readonly_error(exc) or "disk" in str(exc) or "full" in str(exc):
-                raise StoreError(f"cannot write the run store {self.db_path}: {exc}; free disk space or "
+                raise StoreUnavailable(f"cannot write the run store {self.db_path}: {exc}; free disk space or "
                                  "make it writable (LANCE_HOME)") from exc
             if "malformed" in str(exc) or "no such table" in str(exc):
                 raise self._damaged(exc) from exc

@@ -1,0 +1,112 @@
+"""Faults keep their cause: diverging methods, a disk that fills up mid-run, continual at lr 1e30."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.store import RunStore
+from engine.train import FinetuneConfig, run_finetune
+from engine.train.events import StepEnded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_every_diverging_method_fails_with_advice_and_the_next_still_runs(capsys):
+    argv = ["finetune", "--backbone", "small-cnn", "--dataset", "digits", "--method", "hosvd,vanilla",
+            "--lr", "1e30", "--grad-clip", "0", "--epochs", "1", "--limit-train", "64", "--batch-size", "16",
+            "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    runs = RunStore().list_runs()
+    assert [r["method"] for r in runs] == ["hosvd", "vanilla"]
+    for run in runs:
+        assert run["status"] == "failed"
+        assert "lower --lr" in run["message"], run["message"]
+        assert f"[{run['method']}] failed" in err
+
+
+def test_continual_at_lr_1e30_fails_each_method_with_advice(capsys):
+    argv = ["continual", "--benchmark", "split-digits", "--method", "finetune,lance", "--lr", "1e30", "--epochs", "1",
+            "--limit-train", "64", "--limit-test", "32", "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    runs = RunStore().list_runs()
+    assert [r["method"] for r in runs] == ["finetune", "lance"]  # lance ran after finetune failed
+    assert all(r["status"] == "failed" and "lower --lr" in r["message"] for r in runs)
+    assert "loss became nan" in runs[0]["message"]
+    # no NULL training loss reported as a finished task
+    store = RunStore()
+    assert all(m["value"] is not None for m in store.metrics(runs[0]["id"], key="loss"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], check=False,
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount_point
+    import gc
+
+    gc.collect()
+    if subprocess.run(["umount", str(mount_point)], check=False, capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+
+
+class FillDisk:
+    """At the first training step, fill the disk the store is on (a real ENOSPC from then on)."""
+
+    def __init__(self, folder: Path):
+        self.filler = folder / "filler"
+        self.done = False
+
+    def emit(self, event) -> None:
+        if isinstance(event, StepEnded) and not self.done:
+            self.done = True
+            with open(self.filler, "wb") as fh:
+                try:
+                    while True:
+                        fh.write(b"\0" * (1 << 16))
+                        fh.flush()
+                except OSError:
+                    pass
+
+
+def test_disk_full_mid_run_keeps_the_cause_and_the_rows(small_disk):
+    store = RunStore(small_disk / "home")
+    config = FinetuneConfig(backbone="small-cnn", dataset="digits", methods=["vanilla"], epochs=2, batch_size=16,
+                            limit_train=128)
+    lines: list[str] = []
+    results = run_finetune(config, store=store, sinks=[FillDisk(small_disk)], log=lines.append)
+    (result,) = results
+    assert result.status == "failed"
+    assert "ENOSPC" in result.message or "disk is full" in result.message or "No space" in result.message
+    os.unlink(small_disk / "filler")
+    after = RunStore(small_disk / "home")
+    run = after.get_run(result.run_id)
+    assert after.count_metrics(result.run_id) > 0  # the rows written before the disk filled are kept
+    if run["status"] == "failed":  # recorded where the disk allowed it
+        assert "ENOSPC" in run["message"] or "No space" in run["message"] or "disk is full" in run["message"]
+    else:
+        assert any("could not record" in line for line in lines)
+
+
+def test_full_disk_before_the_run_exits_1_with_the_cause(small_disk, monkeypatch, capsys):
+    monkeypatch.setenv("LANCE_HOME", str(small_disk / "home"))
+    RunStore().close()
+    FillDisk(small_disk).emit(StepEnded(step=1, epoch=0, metrics={}))
+    argv = ["finetune", "--backbone", "small-cnn", "--dataset", "digits", "--method", "vanilla", "--epochs", "1",
+            "--limit-train", "32", "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert any(cause in err for cause in ("No space left on device", "disk is full", "disk I/O error"))
+    assert "free disk space" in err or "ENOSPC" in err
+    assert "Traceback" not in err and "damaged" not in err  # a full disk is not reported as damage
