@@ -6,6 +6,7 @@ the engine's ASI and LANCE layers, the saved-bytes meter and the SQLite store.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -250,3 +251,19 @@ def test_app_budget_engine_side_calibrates_like_the_cli_and_its_plan_trains(cali
         _assert_trained_plan(store, entry["run_id"], plan.to_dict(), budget)
     assert calib.budget_finetune_args("64KiB", ["vanilla", "lance"]) == ["--budget", "64KiB"]
     assert calib.budget_finetune_args("64KiB", ["vanilla"]) == [] == calib.budget_finetune_args(" ", ["asi"])
+
+
+def test_a_plan_with_uncompressed_layers_trains_exactly(calibration_file, tmp_path):
+    """A budget of vanilla's bytes: the exact "uncompressed" option (perplexity 0) wins where it fits; the
+    run stores the raw activation there and still measures exactly plan_total_bytes."""
+    data = json.loads(calibration_file.read_text())
+    vanilla = sum(BATCH * math.prod(layer["input_shape"][1:]) * 4 for layer in data["layers"] if layer["finetuned"])
+    plan, budget = _make_plan(calibration_file, tmp_path, budget=vanilla)
+    raw = [layer for layer in plan["per_layer"] if layer["stored"] == "raw"]
+    assert raw and all(layer["ranks"]["asi"] == layer["input_shape"] and layer["eps"] is None for layer in raw)
+    assert all(layer["bytes"]["asi"] == layer["full_bytes"] for layer in raw)
+    store = RunStore()
+    assert main(["finetune", *RUN, "--method", "asi,lance", "--batch-size", str(BATCH),
+                 "--ranks", str(tmp_path / "plan.json"), "--json", str(tmp_path / "out.json")]) == 0
+    for entry in json.loads((tmp_path / "out.json").read_text())["runs"]:
+        _assert_trained_plan(store, entry["run_id"], plan, budget)

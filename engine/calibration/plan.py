@@ -20,7 +20,7 @@ File format (JSON, ``format = "lance-plan"``, ``version = 1``)::
     {format, version, backbone, weights, dataset, resolution, layers: [names], batch_size,
      budget, budget_bytes, plan_total_bytes, vanilla_bytes, methods: ["asi", "lance"],
      per_layer: [{name, eps, input_shape, ranks: {method: [r...]}, bytes: {method: n}, full_bytes,
-                  perplexity, relative_perplexity}],
+                  perplexity, relative_perplexity, stored: "compressed" | "raw"}],
      calibration: {path, cache_key, created_at, batch_size, batches, eps_grid, seed}, source, created_at}
 
 :func:`solve_plan` builds one, :func:`check_plan` refuses one that does not match a run, ``Plan.save`` /
@@ -71,6 +71,7 @@ class PlanLayer:
     full_bytes: int                   # the uncompressed input (what vanilla stores)
     perplexity: float | None = None
     relative_perplexity: float | None = None
+    stored: str = "compressed"        # "raw": the "uncompressed" option (ranks = the input shape, exact)
 
 
 @dataclass
@@ -218,7 +219,7 @@ def solve_plan(calibration: Any, budget: str | int | float, batch_size: int, *, 
             name=choice.name, eps=choice.eps, input_shape=shape,
             ranks={m: list(chosen) for m in PLAN_METHODS}, bytes={m: nbytes for m in PLAN_METHODS},
             full_bytes=int(full_bytes), perplexity=choice.perplexity,
-            relative_perplexity=choice.relative_perplexity))
+            relative_perplexity=choice.relative_perplexity, stored=getattr(choice, "stored", "compressed")))
     config = data.get("config") or {}
     total = int(sum(layer.bytes[PLAN_METHODS[0]] for layer in per_layer))
     assert total <= selection.budget_bytes
