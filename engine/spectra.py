@@ -104,9 +104,11 @@ class GramAccumulator:
     :func:`rank_for_energy`) and ``factor(mode, rank)``. ``shape`` is ``(largest batch, D_1, …)``,
     ``first_shape`` the first batch's shape, ``samples`` and ``batches`` the counts seen.
     ``keep_first_grams``: also keep every mode's Gram of the first batch (``first_grams``, float64).
+    ``batch_spectrum=False``: skip the batch mode (no ``B×B`` Gram or eigendecomposition per batch; for
+    row matrices ``(N, D)`` with many rows, e.g. the continual learner's im2col features).
     """
 
-    def __init__(self, keep_first_grams: bool = False):
+    def __init__(self, keep_first_grams: bool = False, batch_spectrum: bool = True):
         self.shape: tuple[int, ...] = ()
         self.first_shape: tuple[int, ...] = ()
         self.samples = 0
@@ -114,6 +116,7 @@ class GramAccumulator:
         self.gram_sums: dict[int, Tensor] = {}
         self.batch_eig_sum: np.ndarray = np.zeros(0)
         self.keep_first_grams = keep_first_grams
+        self.batch_spectrum = batch_spectrum
         self.first_grams: list[Tensor] | None = None
         self._eig: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -132,13 +135,14 @@ class GramAccumulator:
             self.first_shape = tuple(x.shape)
         batch = int(x.shape[0])
         self.shape = (max(self.shape[0], batch) if self.shape else batch,) + tuple(x.shape[1:])
-        grams = [gram64(x, m) for m in range(x.dim())]
+        grams = [gram64(x, m) if m > 0 or self.batch_spectrum else None for m in range(x.dim())]
         if self.keep_first_grams and self.first_grams is None:
             self.first_grams = grams
-        batch_eig = eigh_descending(grams[0])[0].cpu().numpy()
-        width = max(self.batch_eig_sum.size, batch_eig.size)
-        self.batch_eig_sum = (np.pad(self.batch_eig_sum, (0, width - self.batch_eig_sum.size))
-                              + np.pad(batch_eig, (0, width - batch_eig.size)))
+        if self.batch_spectrum:
+            batch_eig = eigh_descending(grams[0])[0].cpu().numpy()
+            width = max(self.batch_eig_sum.size, batch_eig.size)
+            self.batch_eig_sum = (np.pad(self.batch_eig_sum, (0, width - self.batch_eig_sum.size))
+                                  + np.pad(batch_eig, (0, width - batch_eig.size)))
         for m in range(1, x.dim()):
             self.gram_sums[m] = grams[m] if m not in self.gram_sums else self.gram_sums[m] + grams[m]
         self.samples += batch
@@ -171,6 +175,8 @@ class GramAccumulator:
         """The mode's mean spectrum ``(D_m,)`` float64 (batch mode: Σ per-batch eigenvalues / N, largest batch wide)."""
         self._check()
         if mode == 0:
+            if not self.batch_spectrum:
+                raise ValueError("this accumulator skipped the batch mode (batch_spectrum=False)")
             return self.batch_eig_sum / self.samples
         return self.eigh(mode)[0].cpu().numpy()
 

@@ -184,3 +184,17 @@ def test_lance_trains_with_the_ranks_lance_calibrate_reports_on_small_cnn(eps):
     trained = _trained_ranks(bb.model, names, batches, eps)
     for name in names:
         assert trained[name] == reported[name][0], name
+
+
+def test_accumulator_without_the_batch_mode_keeps_the_same_mean_grams():
+    """The continual learner's im2col rows (N, D) skip the N×N batch spectrum; the mean Grams are the same."""
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(b, 2, 7, 5, generator=g, dtype=torch.float64) for b in (6, 2)]
+    full, rows_only = GramAccumulator(), GramAccumulator(batch_spectrum=False)
+    for b in batches:
+        full.update(b)
+        rows_only.update(b)
+    for mode in (1, 2, 3):
+        assert torch.equal(full.mean_gram(mode), rows_only.mean_gram(mode))
+    with pytest.raises(ValueError, match="batch_spectrum=False"):
+        rows_only.eigenvalues(0)

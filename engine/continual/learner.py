@@ -22,6 +22,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from engine.spectra import GramAccumulator
+
 from .basis import extend_basis, plain_factor, residual_factor
 from .layers import CLConv2d, CLLinear
 
@@ -134,12 +136,14 @@ def _inputs(batch) -> torch.Tensor:
 
 
 class _FeatureGrams:
-    """Forward hooks that accumulate each CL layer's feature Gram ``Σ x xᵀ`` (float64, ``(D, D)``)."""
+    """Forward hooks that accumulate each CL layer's feature Gram (float64, ``(D, D)``) in an
+    :class:`engine.spectra.GramAccumulator` (the mean ``Σ x xᵀ / N`` over feature rows; ranks and bases
+    depend only on its spectrum's shape)."""
 
     def __init__(self, layers: dict[str, nn.Module], dtype: torch.dtype = torch.float64):
         self.layers = layers
         self.dtype = dtype  # of the per-batch product; the sum is kept in float64
-        self.grams: dict[str, torch.Tensor] = {}
+        self.grams: dict[str, GramAccumulator] = {}
         self.rows: dict[str, int] = {}
         self.shapes: dict[str, tuple] = {}  # (input elements per sample, output shape per sample)
         self._kept: dict[str, list[torch.Tensor]] = {}  # the rows themselves while there are fewer than D
@@ -161,8 +165,7 @@ class _FeatureGrams:
                 return
             if name in self._kept:  # switch to the Gram
                 feats = torch.cat([*self._kept.pop(name), feats.cpu()])
-            gram = (feats.T @ feats).double()
-            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+            self.grams.setdefault(name, GramAccumulator(batch_spectrum=False)).update(feats)
         return hook
 
     def __exit__(self, *exc) -> None:
@@ -176,17 +179,17 @@ class _FeatureGrams:
     def spectrum_input(self, name: str) -> dict:
         """``{"gram": (D, D)}`` or, while there are fewer rows than features, ``{"rows": (N, D)}``."""
         if name in self.grams:
-            return {"gram": self.grams[name].cpu(), "rows": None}
+            return {"gram": self.grams[name].mean_gram(1).cpu(), "rows": None}
         return {"gram": None, "rows": torch.cat(self._kept[name])}
 
 
 class _SpatialGrams:
-    """Forward hooks on convs: mode-H and mode-W Grams of the feature-projected patches ``(B, r, H', W')``."""
+    """Forward hooks on convs: mode-H and mode-W mean Grams (:class:`engine.spectra.GramAccumulator`) of the
+    feature-projected patches ``(B, r, H', W')``: ``h[name]`` ``(H', H')``, ``w[name]`` ``(W', W')``."""
 
     def __init__(self, layers: dict[str, CLConv2d]):
         self.layers = layers
-        self.h: dict[str, torch.Tensor] = {}
-        self.w: dict[str, torch.Tensor] = {}
+        self.accs: dict[str, GramAccumulator] = {}
         self._handles = []
 
     def __enter__(self) -> "_SpatialGrams":
@@ -201,11 +204,16 @@ class _SpatialGrams:
             c_in, (kh, kw) = module.in_channels, module.kernel_size
             filters = u.t().reshape(u.shape[1], c_in, kh, kw)
             core = torch.nn.functional.conv2d(x, filters, None, module.stride, module.padding, module.dilation).double()
-            gh = torch.einsum("brhw,brgw->hg", core, core)
-            gw = torch.einsum("brhw,brhv->wv", core, core)
-            self.h[name] = self.h[name] + gh if name in self.h else gh
-            self.w[name] = self.w[name] + gw if name in self.w else gw
+            self.accs.setdefault(name, GramAccumulator(batch_spectrum=False)).update(core)
         return hook
+
+    @property
+    def h(self) -> dict[str, torch.Tensor]:
+        return {name: acc.mean_gram(2) for name, acc in self.accs.items()}
+
+    @property
+    def w(self) -> dict[str, torch.Tensor]:
+        return {name: acc.mean_gram(3) for name, acc in self.accs.items()}
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
