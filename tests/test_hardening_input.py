@@ -81,3 +81,13 @@ def test_one_class_and_unseen_test_classes_are_refused(tmp_path, capsys):
     assert main(SMALL + ["--dataset", f"imagefolder:{unseen}", "--method", "vanilla", "--val-split", "test"]) == 2
     assert "owl" in capsys.readouterr().err
     assert no_runs()
+
+
+def test_json_output_into_the_store_is_refused_before_any_run(capsys):
+    home = RunStore().root
+    db_head = (home / "runs.sqlite").read_bytes()[:16]
+    for command in (SMALL + ["--dataset", "digits", "--method", "vanilla"],
+                    ["continual", "--benchmark", "split-digits", "--quiet"]):
+        assert main(command + ["--json", str(home / "runs.sqlite")]) == 2
+        assert "inside the run store" in capsys.readouterr().err
+    assert (home / "runs.sqlite").read_bytes()[:16] == db_head == b"SQLite format 3\x00" and no_runs()

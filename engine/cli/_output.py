@@ -11,6 +11,14 @@ def write_json(target: str, data: dict) -> None:
     if target == "-":
         print(text)
     else:
-        path = Path(target)
+        from engine.store import StoreError
+        from engine.store.files import atomic_write_text
+        from engine.store.paths import default_root
+
+        path = Path(target).expanduser()
+        root = default_root().resolve()
+        if path.resolve() == root or root in path.resolve().parents:
+            raise StoreError(f"refusing to write {path}: it is inside the run store {root}; give --json a path "
+                             "outside it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        atomic_write_text(path, text + "\n")

@@ -133,8 +133,11 @@ def run(args) -> int:
     from engine.data.errors import DatasetMissing
     from engine.store import RunStore, StoreError
 
+    from engine.cli.validate import check_json_target
+
     stream = None if args.quiet else sys.stderr
     try:
+        check_json_target(args.json)
         store = RunStore()
         failures = []
         if args.resume:

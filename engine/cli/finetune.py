@@ -140,7 +140,7 @@ def print_table(results, stream=None) -> None:
 def run(args) -> int:
     import os
 
-    from engine.cli.validate import check_not_empty
+    from engine.cli.validate import check_json_target, check_not_empty
     from engine.data.decode import SKIP_BAD_IMAGES_ENV
     from engine.data.errors import BadImage, DatasetMissing
     from engine.store import RunStore, StoreDamaged, StoreError, StoreReadOnly, StoreUnavailable
@@ -152,6 +152,7 @@ def run(args) -> int:
         os.environ[SKIP_BAD_IMAGES_ENV] = "1"
     try:
         check_not_empty(args, ("backbone", "dataset", "method", "budget", "eps", "ranks", "weights", "resume"))
+        check_json_target(args.json)
         store = RunStore()
         if args.resume:
             config = resume_config(store, args.resume, epochs=args.epochs)
