@@ -129,11 +129,10 @@ def print_table(runs: list[dict], stream=sys.stdout) -> None:
 def run(args) -> int:
     import torch
 
+    from engine.cli.validate import check_json_target
     from engine.continual.session import ContinualRunFailed, load_tasks, resume_method, run_method
     from engine.data.errors import DatasetMissing
     from engine.store import RunStore, StoreError
-
-    from engine.cli.validate import check_json_target
 
     stream = None if args.quiet else sys.stderr
     try:
