@@ -110,3 +110,36 @@ def test_full_disk_before_the_run_exits_1_with_the_cause(small_disk, monkeypatch
     assert any(cause in err for cause in ("No space left on device", "disk is full", "disk I/O error"))
     assert "free disk space" in err or "ENOSPC" in err
     assert "Traceback" not in err and "damaged" not in err  # a full disk is not reported as damage
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused_and_more_is_recorded(capsys):
+    base = ["finetune", "--backbone", "small-cnn", "--dataset", "digits", "--method", "vanilla",
+            "--limit-train", "48", "--batch-size", "16", "--quiet"]
+    assert main(base + ["--epochs", "1"]) == 0
+    store = RunStore()
+    (run,) = store.list_runs()
+    # as if a 3-epoch run had been stopped after its first epoch (its checkpoint is real)
+    store.update_config(run["id"], {"epochs": 3})
+    store.set_status(run["id"], "interrupted", "stopped by Ctrl-C")
+    assert main(["finetune", "--resume", run["id"], "--epochs", "1", "--quiet"]) == 2
+    assert "has finished 1 of its 3 epochs" in capsys.readouterr().err
+    assert store.get_run(run["id"])["status"] == "interrupted"  # untouched
+    assert main(["finetune", "--resume", run["id"], "--epochs", "2", "--quiet"]) == 0
+    after = store.get_run(run["id"])
+    assert after["status"] == "completed" and after["config"]["epochs"] == 2  # the config says what ran
+    assert after["summary"]["epochs_done"] == 2
+
+
+def test_a_bug_is_reported_without_traceback_unless_lance_debug(monkeypatch, capsys):
+    from engine.cli._errors import run_guarded
+
+    def buggy(args):
+        raise RuntimeError("something the code did not expect")
+
+    monkeypatch.delenv("LANCE_DEBUG", raising=False)
+    assert run_guarded(buggy, None, prog="lance x") == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: something the code did not expect" in err and "LANCE_DEBUG=1" in err
+    monkeypatch.setenv("LANCE_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        run_guarded(buggy, None)
