@@ -82,8 +82,9 @@ def extend_basis(basis: torch.Tensor | None, gram: torch.Tensor | None, eps_cl: 
     Returns ``(new_basis (D, k'), info)`` with ``info = {"added", "rank", "dim", "captured_before"}``.
     The result is orthonormal (float32) and never exceeds ``D`` columns.
     """
-    dim = (gram if gram is not None else rows).shape[-1]
-    old = torch.zeros(dim, 0, dtype=torch.float64) if basis is None else basis.double()
+    source = gram if gram is not None else rows
+    dim = source.shape[-1]
+    old = torch.zeros(dim, 0, dtype=torch.float64, device=source.device) if basis is None else basis.double()
     total, residual_energy, values, vectors = residual_spectrum(old, gram, rows, torch.float64)
     captured_before = (total - residual_energy) / total if total > 0 else 1.0
     added = rank_for_energy(values, eps_cl, total=total, captured=total - residual_energy, min_rank=0)

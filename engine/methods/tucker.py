@@ -144,7 +144,7 @@ class ASI(_TuckerMethod):
     def setup(self, layer) -> None:
         for mode in (0, 1, 2, 3):
             layer.register_buffer(f"asi_factor_{mode}", None)
-        layer.register_buffer("asi_steps", torch.zeros((), dtype=torch.long))
+        layer.register_buffer("asi_steps", torch.zeros((), dtype=torch.long, device=layer.weight.device))
 
     def resolve_ranks(self, layer, shape: Sequence[int]) -> tuple[int, ...]:
         ranks = self.ranks if self.ranks is not None else Fn.default_asi_ranks(shape, layer.kind)
@@ -242,9 +242,9 @@ class LANCE(_TuckerMethod):
     def setup(self, layer) -> None:
         for mode in (1, 2, 3):
             layer.register_buffer(f"lance_factor_{mode}", None)
-        layer.register_buffer("lance_batch_rank", torch.zeros((), dtype=torch.long))
+        layer.register_buffer("lance_batch_rank", torch.zeros((), dtype=torch.long, device=layer.weight.device))
         layer.register_buffer("lance_calibrated", None)
-        layer.register_buffer("lance_steps", torch.zeros((), dtype=torch.long))
+        layer.register_buffer("lance_steps", torch.zeros((), dtype=torch.long, device=layer.weight.device))
 
     def set_calibration(self, layer, calibration) -> None:
         """Fix the factors from a :class:`engine.spectra.GramAccumulator`."""
@@ -258,7 +258,7 @@ class LANCE(_TuckerMethod):
                 None if ranks[mode] >= shape[mode] else calibration.factor(mode, ranks[mode])
             )
         layer.lance_batch_rank.fill_(int(ranks[0]))
-        layer._buffers["lance_calibrated"] = torch.ones((), dtype=torch.bool)
+        layer._buffers["lance_calibrated"] = torch.ones((), dtype=torch.bool, device=layer.weight.device)
 
     def planned_ranks(self, layer, shape):
         if layer._buffers.get("lance_calibrated") is None:
