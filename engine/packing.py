@@ -85,11 +85,13 @@ class _FrozenBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         running_var, *rest = ctx.saved_tensors
-        scale = 1.0 / torch.sqrt(running_var + ctx.eps)
-        if ctx.has_weight:
-            scale = rest[0] * scale
         shape = [1, -1] + [1] * (grad.dim() - 2)
-        return grad * scale.to(grad.dtype).view(shape), None, None, None, None, None
+        # bit for bit what ATen's CPU kernel does: invstd in double, then (dy · invstd) · w
+        invstd = (1.0 / torch.sqrt(running_var.double() + ctx.eps)).to(grad.dtype)
+        grad_in = grad * invstd.view(shape)
+        if ctx.has_weight:
+            grad_in = grad_in * rest[0].to(grad.dtype).view(shape)
+        return grad_in, None, None, None, None, None
 
 
 class _PackedBatchNormMixin:
