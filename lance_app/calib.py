@@ -4,7 +4,7 @@ it, and the plan the Fine-tune job trains.
 ``engine.calibration.calibrate`` builds its own model and data and caches its JSON under
 ``$LANCE_HOME/cache/calibration``; here the result dict is also kept in ``st.cache_data`` so a page
 rerun does not even read the file. Calibration runs forward/backward passes once under no training,
-in the script thread, with a progress bar (small-cnn on digits: about a second). The controls default
+in the script thread, with a progress bar (small-cnn-digits on digits-5to9: about a second). The controls default
 to ``lance calibrate``'s own settings (its 12-ε grid, 2 batches of 64), so the page shows what the CLI
 and a plain ``lance finetune --budget`` compute.
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BACKBONE = "small-cnn"
-DEFAULT_DATASET = "digits"
-DEFAULT_WEIGHTS = "none"
+DEFAULT_BACKBONE = "small-cnn-digits"  # bundled weights, pretrained on digits 0-4 (engine.models.pretrain_default)
+DEFAULT_DATASET = "digits-5to9"        # the five digits it never saw
+DEFAULT_WEIGHTS = "bundled"
 DEFAULT_CONTINUAL_BENCHMARK = "split-digits"
 
 
@@ -52,25 +52,13 @@ def engine_attr_any(*candidates: tuple[str, str]):
 
 def shared_root() -> Path:
     """``$LANCE_SHARED`` or ``<repo>/../shared`` (developer and CI machines only)."""
-    return Path(os.environ.get("LANCE_SHARED", REPO_ROOT.parent / "shared"))
+    return engine_attr("engine.shared", "shared_root")()
 
 
 def apply_shared_defaults(environ=os.environ) -> dict:
-    """Point LANCE_DATA_ROOT / LANCE_WEIGHTS_DIR at ``../shared`` when it is there and they are unset.
-
-    The data root keeps ``$LANCE_HOME/datasets`` after the shared one (engine.data searches a
-    ``os.pathsep``-separated list). Job subprocesses inherit these. Returns what was set.
-    """
-    changed = {}
-    shared = shared_root()
-    if not environ.get("LANCE_DATA_ROOT") and (shared / "datasets").is_dir():
-        from lance_app.jobs import lance_home
-
-        changed["LANCE_DATA_ROOT"] = os.pathsep.join([str(shared / "datasets"), str(lance_home() / "datasets")])
-    if not environ.get("LANCE_WEIGHTS_DIR") and (shared / "weights").is_dir():
-        changed["LANCE_WEIGHTS_DIR"] = str(shared / "weights")
-    environ.update(changed)
-    return changed
+    """Point LANCE_DATA_ROOT / LANCE_WEIGHTS_DIR at ``../shared`` when it is there and they are unset
+    (``engine.shared.apply_shared_defaults``: the CLI does the same). Returns what was set."""
+    return engine_attr("engine.shared", "apply_shared_defaults")(environ)
 
 
 @dataclass(frozen=True)
@@ -124,6 +112,11 @@ def backbone_summary(backbone: str) -> str:
 def weights_options(backbone: str) -> list[Option]:
     """Random init always; ImageNet weights for pretrained backbones, marked found here or not."""
     opts = [Option("random init (none)", "none", True, "no download needed")]
+    bundled = engine_attr("engine.models", "bundled_weights")(backbone)
+    if bundled is not None:
+        opts.insert(0, Option("pretrained on digits 0-4 (bundled)", "bundled", bundled.is_file(),
+                              f"installed with the package at {bundled}" if bundled.is_file() else
+                              f"missing at {bundled}: run `python -m engine.models.pretrain_default`"))
     spec = engine_attr("engine.models", "backbone_spec")(backbone)
     if not spec.pretrained:
         return opts

@@ -18,7 +18,7 @@ DEFAULT_CONFIG = {
     "weights": DEFAULT_WEIGHTS,
     "dataset": DEFAULT_DATASET,
     "resolution": 0,  # 0 = the backbone's native resolution
-    "layers": 2,  # fine-tune the last k compressible layers
+    "layers": 4,  # fine-tune the last k compressible layers (all four of small-cnn-digits)
     "seed": 0,
 }
 METHODS = ["vanilla", "gradient_filter", "hosvd", "asi", "lance"]
@@ -26,7 +26,7 @@ CONTINUAL_METHODS = ["lance", "gpm", "finetune"]
 
 
 def setup_config() -> dict:
-    """The configuration chosen on the Setup page (defaults: digits + small-cnn, random init)."""
+    """The configuration chosen on the Setup page (defaults: small-cnn-digits, bundled weights, on digits-5to9)."""
     if "lance_config" not in st.session_state:
         st.session_state["lance_config"] = dict(DEFAULT_CONFIG)
     return st.session_state["lance_config"]

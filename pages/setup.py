@@ -10,7 +10,8 @@ from lance_app.resources import dataset_classes, layer_names, pristine_backbone
 from lance_app.state import setup_config, show_error
 
 st.title("Setup")
-st.caption("Choose what to fine-tune. The embedded default (digits + small-cnn, random init) works "
+st.caption("Choose what to fine-tune. The embedded default (small-cnn-digits, pretrained on digits 0–4 and bundled, "
+           "fine-tuned on the digits 5–9 it never saw) works "
            "offline; datasets and weights found under LANCE_DATA_ROOT / LANCE_WEIGHTS_DIR / ../shared "
            "appear below.")
 cfg = setup_config()

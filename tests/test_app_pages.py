@@ -68,20 +68,20 @@ def test_startup_marks_orphaned_runs_interrupted():
 
 
 # -- setup -----------------------------------------------------------------------------------------
-def test_setup_defaults_to_digits_small_cnn_and_lists_layers():
+def test_setup_defaults_to_the_bundled_default_and_lists_layers():
     at = _page("setup").run()
     no_exception(at)
-    assert at.selectbox(key="setup_backbone").value == "small-cnn"
-    # the backbone's registry entry: 33,946 parameters, 32 px
+    assert at.selectbox(key="setup_backbone").value == "small-cnn-digits"
+    # the backbone's registry entry: 28,821 parameters, 32 px
     assert any("0.03 M parameters · native 32 px" in c.value for c in at.caption)
-    assert at.selectbox(key="setup_dataset").value.value == "digits"
-    assert at.radio(key="setup_weights").value.value == "none"
+    assert at.selectbox(key="setup_dataset").value.value == "digits-5to9"
+    assert at.radio(key="setup_weights").value.value == "bundled"
     layers = at.dataframe[0].value
-    assert len(layers) == 4 and layers["trained"].tolist() == ["frozen", "frozen", "yes", "yes"]
+    assert len(layers) == 4 and layers["trained"].tolist() == ["yes", "yes", "yes", "yes"]
     at.slider(key="setup_layers").set_value(3).run()
     assert at.dataframe[0].value["trained"].tolist().count("yes") == 3
     here = at.dataframe[1].value
-    assert here.loc[here["name"] == "digits", "available"].item() == "yes"
+    assert here.loc[here["name"] == "digits-5to9", "available"].item() == "yes"
     missing = here[here["available"] == "missing"]
     assert len(missing) > 0 and missing["where / how to get it"].str.contains("Looked in|not found").all()
     assert "last 3 layers" in at.success[0].value
@@ -100,7 +100,7 @@ def test_spectra_page_draws_energy_heatmap_and_perplexity(calibrated_home, monke
     no_exception(at)
     assert not at.error
     figs = charts(at)
-    assert at.selectbox(key="spectra_layer").value == "block3.conv"  # the first fine-tuned layer
+    assert at.selectbox(key="spectra_layer").value == "block1.conv"  # the first fine-tuned layer
     energy = next(v for k, v in figs.items() if "input" in k)
     assert [t["name"] for t in energy["data"]] == ["B", "C", "H", "W"]  # a conv input's modes
     for trace in energy["data"]:  # cumulative view: rises to 1
@@ -112,7 +112,7 @@ def test_spectra_page_draws_energy_heatmap_and_perplexity(calibrated_home, monke
     assert len(heat["y"]) == 4 and len(heat["x"]) == len(DEFAULT_EPS_GRID) == 12  # `lance calibrate`'s grid
     assert all(row[0] >= row[-1] for row in heat["z"])  # more energy kept -> less compression
     perp = figs["perplexity of the fine-tuned layers"]["data"]
-    assert len(perp) == 2
+    assert len(perp) == 4
     for trace in perp:  # the gradient error falls as ε rises (flat where one direction dominates)
         assert trace["y"][-1] <= trace["y"][0]
     assert any(trace["y"][-1] < 0.5 * trace["y"][0] for trace in perp)
@@ -129,7 +129,7 @@ def test_budget_page_exact_choice_and_readable_errors(calibrated_home, monkeypat
     no_exception(at)
     assert not at.error
     table = at.dataframe[0].value
-    assert len(table) == 2
+    assert len(table) == 4
     from engine.calibration import parse_budget
 
     budget = parse_budget(at.text_input(key="budget_text").value)

@@ -54,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from engine.cli._errors import run_guarded
+    from engine.shared import apply_shared_defaults
 
-    return run_guarded(args.func, args, prog=f"lance {args.command}")
+    # ../shared, as `lance app` finds it (the app prints what it set; it sets them itself)
+    changed = {} if args.func.__module__ == "engine.cli.app" else apply_shared_defaults(os.environ)
+    try:
+        return run_guarded(args.func, args, prog=f"lance {args.command}")
+    finally:
+        for key in changed:  # in-process callers (tests) get their environment back
+            os.environ.pop(key, None)
 
 
 if __name__ == "__main__":  # pragma: no cover

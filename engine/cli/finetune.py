@@ -17,14 +17,18 @@ def register(subparsers) -> None:
             "(SGD lr 0.05, momentum 0, cosine schedule, weight decay 1e-4, gradient clipping 2.0, batch 128, "
             "BatchNorm in eval). Several methods run one after another on identical data order and seed. "
             "Every run goes into the run store ($LANCE_HOME); --json writes a summary."),
-        epilog=("Per-method values: --eps 0.8 applies to every method that takes it; --eps hosvd=0.8,lance=0.7 "
+        epilog=("Per-method values: --eps 0.8 applies to every method that takes it; --eps hosvd=0.8,lance=0.9 "
                 "sets each. Example: lance finetune --backbone mcunet-in3 --dataset "
                 "imagefolder:../shared/datasets/cifar10-jpeg --method vanilla,asi,lance --layers 4 "
                 "--budget asi=0.2MB --eps lance=0.7 --epochs 3 --limit-train 5000 --json out.json"),
     )
-    p.add_argument("--backbone", help="backbone name (see `lance finetune --help` / engine.models.available_backbones)")
-    p.add_argument("--weights", default=None, help="imagenet | none | PATH (default: the backbone's default)")
-    p.add_argument("--dataset", help="dataset name (digits, cifar10, ...) or imagefolder:PATH")
+    p.add_argument("--backbone", default=None,
+                   help="backbone name, see `lance backbones` (default small-cnn-digits: bundled, pretrained on "
+                        "digits 0-4)")
+    p.add_argument("--weights", default=None, help="imagenet | bundled | none | PATH (default: the backbone's own: bundled for small-cnn-digits, "
+                        "imagenet where it has ImageNet weights, else none)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name, see `lance datasets`, or imagefolder:PATH (default digits-5to9: bundled)")
     p.add_argument("--method", default="vanilla", help=METHODS_HELP)
     p.add_argument("--layers", type=int, default=4, help="train the last K compressible layers (default 4)")
     p.add_argument("--budget", default=None,
@@ -33,7 +37,7 @@ def register(subparsers) -> None:
                         "`lance calibrate`'s defaults; asi=X,lance=Y sets each")
     p.add_argument("--calibration", default=None, metavar="CALIB.json",
                    help="with --budget: the `lance calibrate --out` file to solve the budget on")
-    p.add_argument("--eps", default=None, help="energy threshold in (0, 1] for hosvd (0.8) and lance (0.7)")
+    p.add_argument("--eps", default=None, help="energy threshold in (0, 1] for hosvd (0.8) and lance (0.9)")
     p.add_argument("--ranks", default=None, metavar="PLAN.json",
                    help="train this plan's ranks with asi and lance (`lance ranks --json PLAN.json` output; "
                         "refused unless its backbone, layers and batch size match the run), or a plain "
@@ -92,21 +96,18 @@ def config_from_args(args):
     """FinetuneConfig from parsed arguments (raises ConfigError)."""
     from engine.train.config import (
         BUDGET_METHODS,
+        DEFAULT_BACKBONE,
+        DEFAULT_DATASET,
         EPS_METHODS,
         RANKS_METHODS,
-        ConfigError,
         FinetuneConfig,
         per_method,
         split_methods,
     )
 
-    if not args.backbone:
-        raise ConfigError("--backbone is required (e.g. --backbone mcunet-in3)")
-    if not args.dataset:
-        raise ConfigError("--dataset is required (e.g. --dataset digits or imagefolder:PATH)")
     methods = split_methods(args.method)
     return FinetuneConfig(
-        backbone=args.backbone, dataset=args.dataset, methods=methods, weights=args.weights, layers=args.layers,
+        backbone=args.backbone or DEFAULT_BACKBONE, dataset=args.dataset or DEFAULT_DATASET, methods=methods, weights=args.weights, layers=args.layers,
         eps=per_method(args.eps, methods, EPS_METHODS, "--eps"),
         budget=per_method(args.budget, methods, BUDGET_METHODS, "--budget"),
         ranks=per_method(args.ranks, methods, RANKS_METHODS, "--ranks"),

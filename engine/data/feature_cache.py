@@ -80,6 +80,35 @@ def feature_key(backbone: str, weights: str, dataset: str, split: str, resolutio
             "resolution": int(resolution), "cut": cut, **extra}
 
 
+def canonical_key(key: dict) -> dict:
+    """``key`` without spelling: image-folder paths and data roots resolved, weight paths reduced to
+    their kind (the prefix fingerprint already covers the weights' content), so ``../shared/x`` and
+    ``/abs/shared/x`` share one cache entry."""
+    out = dict(key)
+    dataset = out.get("dataset")
+    if isinstance(dataset, str) and dataset.startswith("imagefolder:"):
+        out["dataset"] = "imagefolder:" + str(Path(dataset.split(":", 1)[1]).expanduser().resolve())
+    if out.get("data_root"):
+        out["data_root"] = os.pathsep.join(str(Path(p).expanduser().resolve())
+                                           for p in str(out["data_root"]).split(os.pathsep) if p)
+    weights = str(out.get("weights", ""))
+    if weights not in ("", "none", "imagenet", "bundled", "None"):
+        out["weights"] = "imagenet" if weights.startswith("imagenet") else "file"
+    return out
+
+
+def content_fingerprint(dataset, max_images: int = 4096) -> str | None:
+    """sha1 of up to ``max_images`` evenly spaced raw images of ``dataset`` (its pixels, not its path),
+    or None when the dataset cannot serve raw images."""
+    raw = getattr(dataset, "raw_images", None)
+    n = len(dataset)
+    if raw is None or n == 0:
+        return None
+    positions = np.unique(np.linspace(0, n - 1, num=min(n, max_images)).round().astype(np.int64))
+    images = raw(positions)
+    return hashlib.sha1(np.ascontiguousarray(images.numpy()).tobytes()).hexdigest()[:16]
+
+
 def module_fingerprint(module: nn.Module) -> str:
     """sha1 of every parameter and buffer (names, shapes, bytes): changes whenever the prefix does."""
     digest = hashlib.sha1()
@@ -130,7 +159,8 @@ def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256
     n = len(dataset)
     targets = getattr(dataset, "targets", None)
     targets_digest = hashlib.sha1(np.asarray(targets).tobytes()).hexdigest()[:16] if targets is not None else str(n)
-    full_key = {**key, "n": n, "labels": targets_digest, "prefix": module_fingerprint(prefix),
+    full_key = {**canonical_key(key), "n": n, "labels": targets_digest, "prefix": module_fingerprint(prefix),
+                "pixels": content_fingerprint(dataset),
                 "transform": [getattr(dataset, a, None) for a in ("resolution", "mean", "std")]}
     digest = hashlib.sha1(json.dumps(full_key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     folder = cache_dir("features")

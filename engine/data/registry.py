@@ -77,6 +77,16 @@ SPECS: dict[str, DatasetSpec] = {
         "digits", "scikit-learn's 1,797 handwritten digits (8x8 grey), bundled: always available", 10, ("",), "",
         "bundled with scikit-learn", lambda folder, split, store, mpc=None: sources.load_digits_arrays(mpc),
         official_splits=("all",), builtin=True),
+    "digits-0to4": DatasetSpec(
+        "digits-0to4", "digits 0-4 of scikit-learn's digits (901 images), bundled: the default backbone's "
+        "pretraining task", 5, ("",), "", "bundled with scikit-learn",
+        lambda folder, split, store, mpc=None: sources.load_digits_classes(0, 4, mpc), official_splits=("all",),
+        builtin=True),
+    "digits-5to9": DatasetSpec(
+        "digits-5to9", "digits 5-9 of scikit-learn's digits (896 images), bundled: the default fine-tune task "
+        "(classes the default backbone never saw)", 5, ("",), "", "bundled with scikit-learn",
+        lambda folder, split, store, mpc=None: sources.load_digits_classes(5, 9, mpc), official_splits=("all",),
+        builtin=True),
     "cifar10": DatasetSpec(
         "cifar10", "CIFAR-10 (python pickles, 50k train / 10k test, 32 px)", 10, ("cifar-10-batches-py",),
         "data_batch_1", _how("cifar10", "cifar-10-batches-py/", "https://www.cs.toronto.edu/~kriz/cifar.html"),

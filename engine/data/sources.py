@@ -70,6 +70,14 @@ def load_digits_arrays(max_per_class: int | None = None) -> ImageArrays:
     return _from_hwc(np.repeat(grey[..., None], 3, axis=-1), digits.target, [str(i) for i in range(10)], max_per_class)
 
 
+def load_digits_classes(first: int, last: int, max_per_class: int | None = None) -> ImageArrays:
+    """Digits ``first``..``last`` of :func:`load_digits_arrays`, labels renumbered from 0
+    (``digits-0to4``: the default backbone's pretraining task; ``digits-5to9``: the default fine-tune task)."""
+    arrays = load_digits_arrays(max_per_class)
+    keep = torch.nonzero((arrays.labels >= first) & (arrays.labels <= last)).flatten()
+    return ImageArrays(arrays.images[keep], arrays.labels[keep] - first, [str(i) for i in range(first, last + 1)])
+
+
 # ----------------------------------------------------------------------------------- CIFAR
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:

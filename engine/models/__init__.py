@@ -59,8 +59,18 @@ def available_backbones() -> list[str]:
     return list(SPECS)
 
 
+def bundled_weights(name: str) -> Path | None:
+    """The weights file installed with the package for ``name`` (``small-cnn-digits``), else None."""
+    file = backbone_spec(name).meta.get("weights_file")
+    return Path(__file__).resolve().parent / "pretrained" / file if file else None
+
+
 def default_weights(name: str) -> str:
-    """``"imagenet"`` for backbones with pretrained weights, else ``"none"``."""
+    """The bundled weights file where there is one, ``"imagenet"`` for backbones with ImageNet weights,
+    else ``"none"``."""
+    bundled = bundled_weights(name)
+    if bundled is not None:
+        return str(bundled)
     return "imagenet" if backbone_spec(name).pretrained else "none"
 
 
@@ -137,7 +147,8 @@ def weights_available(name: str, weights_dir: str | os.PathLike | None = None) -
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
                    weights_dir: str | os.PathLike | None = None) -> Backbone:
-    """Build ``name`` with weights ``"imagenet"``, ``"none"`` (random init) or a state_dict PATH.
+    """Build ``name`` with weights ``"imagenet"``, ``"bundled"`` (the file installed with the package,
+    ``small-cnn-digits``), ``"none"`` (random init) or a state_dict PATH.
 
     weights=None means the backbone's default (``imagenet`` where it has pretrained weights, else
     ``none``). The head is replaced by a fresh ``Linear(in, num_classes)`` when ``num_classes`` differs
@@ -148,6 +159,10 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, num_clas
     folder = resolve_weights_dir(weights_dir)
     weights = default_weights(name) if weights is None else weights
     weights_str = str(weights)
+    if weights_str == "bundled":
+        if bundled_weights(name) is None:
+            raise ValueError(f"backbone {name!r} has no bundled weights; use imagenet, none or a file")
+        weights_str = str(bundled_weights(name))
     model = spec.builder(folder)
     source = "none"
     if weights_str == "imagenet":
@@ -157,8 +172,9 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, num_clas
     elif weights_str != "none":
         _load_strict(model, load_state_dict_file(weights_str), weights_str)
         source = str(Path(weights_str).expanduser().resolve())
-    if num_classes is not None and head_features(model)[1] != num_classes:
-        replace_head(model, int(num_classes))
+    fresh_head = bool(spec.meta.get("fresh_head")) and source != "none"
+    if num_classes is not None and (fresh_head or head_features(model)[1] != num_classes):
+        replace_head(model, int(num_classes))  # a pretrained head is for the pretraining classes
     resolution = int(getattr(model, "resolution", spec.resolution))
     return Backbone(model=model, resolution=resolution, mean=tuple(spec.mean), std=tuple(spec.std),
                     name=name, weights=source, num_classes=head_features(model)[1])
@@ -167,7 +183,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, num_clas
 __all__ = [
     "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD", "REGISTRY", "BackboneEntry", "Weights",
     "Backbone", "BackboneSpec", "SPECS", "Stage", "StageSequence", "WeightsMissing", "available_backbones",
-    "backbone_spec", "build_backbone", "build_multihead", "default_weights", "first_trainable_stage",
+    "backbone_spec", "build_backbone", "build_multihead", "bundled_weights", "default_weights", "first_trainable_stage",
     "head_features", "imagenet_file", "weight_files", "mcunet_config", "replace_head", "split_at_stage",
     "stage_of_layer", "weights_available",
 ]

@@ -51,3 +51,9 @@ register(BackboneEntry(
     name="small-cnn", family="small", builder=lambda _folder: SmallCNN(num_classes=10), resolution=32,
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_params=33_946, default_classes=10,
     description="tiny CNN (3 conv+BN+ReLU, linear head), random init, 32 px"))
+register(BackboneEntry(
+    name="small-cnn-digits", family="small", builder=lambda _folder: SmallCNN(num_classes=5), resolution=32,
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_params=28_821, default_classes=5,
+    description="small-cnn pretrained on digits 0-4 (bundled weights, 123 kB; `python -m "
+                "engine.models.pretrain_default`), fresh head when fine-tuned: the default with digits-5to9",
+    meta={"weights_file": "small-cnn-digits.pt", "fresh_head": True}))
