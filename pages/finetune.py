@@ -27,7 +27,7 @@ with st.form("finetune_form"):
     limit_train = c4.number_input("Training images (0 = all)", 0, 1_000_000, 512, step=64, key="ft_limit")
     c5, c6, c7 = st.columns(3)
     eps_hosvd = c5.number_input("HOSVD ε", 0.05, 0.999, 0.8, key="ft_eps_hosvd")
-    eps_lance = c6.number_input("LANCE ε", 0.05, 0.999, 0.9, key="ft_eps_lance")
+    eps_lance = c6.number_input("LANCE ε", 0.05, 0.999, 0.95, key="ft_eps_lance")
     budget = c7.text_input("ASI budget (e.g. 64KiB, 0.5MB; empty = default ranks)",
                            st.session_state.get("asi_budget", ""), key="ft_budget")
     submitted = st.form_submit_button("Start fine-tuning", type="primary")

@@ -104,4 +104,4 @@ def test_cli_defaults_are_the_bundled_default():
 
     config = config_from_args(build_parser().parse_args(["finetune", "--method", "vanilla,asi,lance"]))
     assert (config.backbone, config.dataset, config.weights) == ("small-cnn-digits", "digits-5to9", None)
-    assert config.eps_for("lance") == 0.9
+    assert config.eps_for("lance") == 0.95

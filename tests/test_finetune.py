@@ -290,7 +290,7 @@ def test_json_summary_of_several_methods(tmp_path):
 
 def test_validate_accepts_the_defaults():
     cfg = validate(FinetuneConfig(backbone="small-cnn", dataset="digits", methods=["vanilla", "hosvd", "lance"]))
-    assert cfg.eps_for("hosvd") == 0.8 and cfg.eps_for("lance") == 0.9
+    assert cfg.eps_for("hosvd") == 0.8 and cfg.eps_for("lance") == 0.95
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip, cfg.batch_size) == (0.05, 0.0, 1e-4, 2.0, 128)
 
 

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
             "(SGD lr 0.05, momentum 0, cosine schedule, weight decay 1e-4, gradient clipping 2.0, batch 128, "
             "BatchNorm in eval). Several methods run one after another on identical data order and seed. "
             "Every run goes into the run store ($LANCE_HOME); --json writes a summary."),
-        epilog=("Per-method values: --eps 0.8 applies to every method that takes it; --eps hosvd=0.8,lance=0.9 "
+        epilog=("Per-method values: --eps 0.8 applies to every method that takes it; --eps hosvd=0.8,lance=0.95 "
                 "sets each. Example: lance finetune --backbone mcunet-in3 --dataset "
                 "imagefolder:../shared/datasets/cifar10-jpeg --method vanilla,asi,lance --layers 4 "
                 "--budget asi=0.2MB --eps lance=0.7 --epochs 3 --limit-train 5000 --json out.json"),
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
                         "`lance calibrate`'s defaults; asi=X,lance=Y sets each")
     p.add_argument("--calibration", default=None, metavar="CALIB.json",
                    help="with --budget: the `lance calibrate --out` file to solve the budget on")
-    p.add_argument("--eps", default=None, help="energy threshold in (0, 1] for hosvd (0.8) and lance (0.9)")
+    p.add_argument("--eps", default=None, help="energy threshold in (0, 1] for hosvd (0.8) and lance (0.95)")
     p.add_argument("--ranks", default=None, metavar="PLAN.json",
                    help="train this plan's ranks with asi and lance (`lance ranks --json PLAN.json` output; "
                         "refused unless its backbone, layers and batch size match the run), or a plain "

@@ -225,7 +225,7 @@ class LANCE(_TuckerMethod):
     state_names = ("lance_factor_1", "lance_factor_2", "lance_factor_3", "lance_batch_rank", "lance_calibrated",
                    "lance_steps")
 
-    def __init__(self, layer_name: str = "", seed: int = 0, eps: float = 0.9, ranks: Sequence[int] | None = None,
+    def __init__(self, layer_name: str = "", seed: int = 0, eps: float = 0.95, ranks: Sequence[int] | None = None,
                  batch_mode: str = "factor", track_energy: bool = True):
         super().__init__(layer_name, seed)
         self.eps = _check_eps(eps, "lance")
