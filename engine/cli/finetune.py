@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--backbone", default=None,
                    help="backbone name, see `lance backbones` (default small-cnn-digits: bundled, pretrained on "
                         "digits 0-4)")
-    p.add_argument("--weights", default=None, help="imagenet | bundled | none | PATH (default: the backbone's own: bundled for small-cnn-digits, "
+    p.add_argument("--weights", default=None,
+                   help="imagenet | bundled | none | PATH (default: the backbone's own: bundled for small-cnn-digits, "
                         "imagenet where it has ImageNet weights, else none)")
     p.add_argument("--dataset", default=None,
                    help="dataset name, see `lance datasets`, or imagefolder:PATH (default digits-5to9: bundled)")
@@ -107,7 +108,8 @@ def config_from_args(args):
 
     methods = split_methods(args.method)
     return FinetuneConfig(
-        backbone=args.backbone or DEFAULT_BACKBONE, dataset=args.dataset or DEFAULT_DATASET, methods=methods, weights=args.weights, layers=args.layers,
+        backbone=args.backbone or DEFAULT_BACKBONE, dataset=args.dataset or DEFAULT_DATASET, methods=methods,
+        weights=args.weights, layers=args.layers,
         eps=per_method(args.eps, methods, EPS_METHODS, "--eps"),
         budget=per_method(args.budget, methods, BUDGET_METHODS, "--budget"),
         ranks=per_method(args.ranks, methods, RANKS_METHODS, "--ranks"),

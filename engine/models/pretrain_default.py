@@ -75,7 +75,8 @@ def pretrain(recipe: dict = RECIPE, log=print) -> tuple[dict, dict]:
             schedule.step()
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        log(f"epoch {epoch + 1}/{recipe['epochs']}: loss {float(loss.detach()):.4f}, train acc {100 * correct / seen:.2f} %")
+        log(f"epoch {epoch + 1}/{recipe['epochs']}: loss {float(loss.detach()):.4f}, "
+            f"train acc {100 * correct / seen:.2f} %")
     report = {"recipe": recipe, "images": int(len(y_all)), "train_acc_last_epoch": round(100 * correct / seen, 2),
               "params": sum(p.numel() for p in model.parameters())}
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, report
