@@ -99,8 +99,16 @@ def spec_from_args(args):
 
     if not args.benchmark:
         raise ValueError(f"--benchmark is required ({' | '.join(BENCHMARKS)})")
-    spatial = None if str(args.spatial_eps).lower() == "none" else float(args.spatial_eps)
-    eps_plain = None if str(args.eps_plain).lower() == "none" else float(args.eps_plain)
+    def number_or_none(flag: str, text) -> float | None:
+        if str(text).strip().lower() == "none":
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{flag} must be a number in (0, 1] or 'none', got {text!r}") from None
+
+    spatial = number_or_none("--spatial-eps", args.spatial_eps)
+    eps_plain = number_or_none("--eps-plain", args.eps_plain)
     training = dict(epochs=args.epochs, lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
                     eps=args.eps, eps_plain=eps_plain, spatial_eps=spatial, eps_cl=args.eps_cl,
                     eps_cl_step=args.eps_cl_step,

@@ -582,6 +582,8 @@ def resume_config(store, run_id: str, epochs: int | None = None) -> FinetuneConf
     config = FinetuneConfig.from_dict(run["config"])
     config.methods = [run["method"]]
     if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"--epochs must be a whole number >= 1, got {epochs!r}")
         config.epochs = epochs
     if run["status"] == "running":
         raise ConfigError(f"run {run['id']} is still running (pid {run['pid']}); stop it first")
