@@ -122,7 +122,7 @@ def run_sweep(spec: SweepSpec | None = None, store: RunStore | None = None, *, r
     try:
         started = start_ray(address, workers, threads_per_worker)
         _drive(spec, todo, store, sweeps, sweep_id, workers, threads_per_worker, on_trial)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (Ray's driver handler exits)
         sweeps.set_sweep_status(sweep_id, "interrupted",
                                 f"stopped; `lance sweep --resume {sweep_id}` runs the trials that did not finish")
         raise
