@@ -76,6 +76,8 @@ class CompressedLayer(nn.Module):
     ``weight_grad``, ``compress``) and, for compressed Tucker methods, ``captured_energy`` (‖core‖²/‖A‖²).
     """
 
+    saves_buffers_for_backward = True  # its buffers are method state (ASI's factors): SavedBytesMeter counts them
+
     def __init__(self, original: nn.Module, method: Method, name: str = ""):
         super().__init__()
         if isinstance(original, nn.Conv2d):

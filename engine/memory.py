@@ -71,12 +71,11 @@ class SavedBytesMeter:
     def __init__(self, model: nn.Module | None = None):
         self._excluded: set[tuple[str, int]] = set()
         if model is not None:
-            from engine.layers import CompressedLayer
-
             for module in model.modules():
                 for p in module.parameters(recurse=False):
                     self._excluded.add(_storage_key(p))
-                if isinstance(module, CompressedLayer) or getattr(module, "saves_buffers_for_backward", False):
+                # modules whose buffers backward reads (engine.layers.CompressedLayer, the continual layers)
+                if getattr(module, "saves_buffers_for_backward", False):
                     continue  # its buffers are method state that backward needs: they count
                 for b in module.buffers(recurse=False):
                     self._excluded.add(_storage_key(b))

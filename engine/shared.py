@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from engine.store.paths import default_root
+
 CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding engine/ (the repository, when editable)
 
 
@@ -23,7 +25,6 @@ def apply_shared_defaults(environ=os.environ) -> dict:
     """Set LANCE_DATA_ROOT / LANCE_WEIGHTS_DIR in ``environ`` to ``../shared``'s folders when they are
     unset and there; the data root keeps ``$LANCE_HOME/datasets`` after the shared one (a
     ``os.pathsep``-separated list). Returns what was set."""
-    from engine.store.paths import default_root
 
     changed = {}
     shared = shared_root(environ)

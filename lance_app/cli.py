@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import lance_app
+from engine.models import build_backbone
+from lance_app import catalog
+from lance_app.catalog import DEFAULT_BACKBONE, apply_shared_defaults
 from lance_app.paths import pages_dir
 
 
@@ -58,11 +61,8 @@ def preload() -> float:
         except ImportError:  # a piece missing in this install: its page says so
             pass
     try:  # first use of torch's module init / kernels: the default backbone the Setup page shows
-        from engine.models import build_backbone
-        from lance_app.catalog import DEFAULT_BACKBONE
 
         build_backbone(DEFAULT_BACKBONE, weights="none", num_classes=10)
-        from lance_app import catalog
 
         catalog.dataset_options()
         for name in catalog.backbone_names():  # weight look-ups import their model families
@@ -83,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.home:
         os.environ["LANCE_HOME"] = str(Path(args.home).expanduser().resolve())
-    from lance_app.catalog import apply_shared_defaults
 
     for key, value in apply_shared_defaults(os.environ).items():
         print(f"{key}={value} (../shared found)", flush=True)

@@ -25,6 +25,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from platformdirs import user_data_dir
+
 JOB_KINDS = ("finetune", "continual", "sweep")
 
 
@@ -33,7 +35,6 @@ def lance_home() -> Path:
     env = os.environ.get("LANCE_HOME")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_data_dir
 
     return Path(user_data_dir("lance-lab"))
 

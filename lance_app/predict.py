@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import copy
 
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from engine import compress_model
+from engine.data import get_dataset, num_classes
+from engine.models import build_backbone
+
 
 def step_flops(backbone: str, weights: str, dataset: str, ranks_by_layer: dict[str, tuple[int, ...]],
                batch_size: int, resolution: int | None = None, seed: int = 0) -> dict[str, int]:
     """{"vanilla": FLOPs, "asi": FLOPs} of one training step of the layers in ``ranks_by_layer``."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
-
-    from engine import compress_model
-    from engine.data import get_dataset, num_classes
-    from engine.models import build_backbone
 
     torch.manual_seed(seed)
     bb = build_backbone(backbone, weights=weights, num_classes=num_classes(dataset))

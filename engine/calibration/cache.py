@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from platformdirs import user_data_dir
+
 CACHE_VERSION = 1
 
 
@@ -23,7 +25,6 @@ def lance_home() -> Path:
     env = os.environ.get("LANCE_HOME")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_data_dir
 
     return Path(user_data_dir("lance-lab"))
 

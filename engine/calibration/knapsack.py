@@ -22,6 +22,7 @@ almost linear in cost the fronts grow towards the number of distinct byte totals
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -338,8 +339,6 @@ def _solve(int_costs: list[np.ndarray], float_values: list[np.ndarray], budget_b
 
 def brute_force_multiple_choice_knapsack(costs, values, budget) -> KnapsackSolution:
     """Every combination, for tests and tiny instances only (``Π |group|`` evaluations)."""
-    import itertools
-
     int_costs = round_costs_up(costs)
     float_values = _check_values(values, int_costs)
     budget_int = int(math.floor(budget))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import tensor_ops
+from engine.functional import tucker_weight_grad
 from engine.spectra import eigh_descending, gram64
 
 
@@ -129,8 +131,6 @@ def truncate(activation: torch.Tensor, full_factors: Sequence[torch.Tensor], ran
 
     activation ``(D_0, …)`` → core ``(r_0, …)``; factors ``[(D_m, r_m) | None]``.
     """
-    from engine import tensor_ops
-
     core = activation
     factors: list[torch.Tensor | None] = []
     # project the mode that shrinks most first: later projections then touch a smaller tensor
@@ -155,8 +155,6 @@ def gradient_errors(captured: CapturedLayer, ranks_per_choice: Sequence[Sequence
     :func:`engine.functional.tucker_weight_grad` computes dW in compressed space (methods.md §3).
     ``grams``: the activation's per-mode Gram matrices, if already computed.
     """
-    from engine.functional import tucker_weight_grad
-
     exact = captured.weight_grad.double()
     norm = float(torch.linalg.vector_norm(exact))
     if grams is not None and [tuple(g.shape) for g in grams] != [(d, d) for d in captured.activation.shape]:

@@ -7,6 +7,7 @@ Two entry points:
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,11 +18,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from engine.calibration import cache as cache_mod
 from engine.calibration.perplexity import capture_layer_gradients, clip_ranks, gradient_errors
 from engine.calibration.spectra import SpectraCollector
+from engine.data import get_dataset, num_classes
 from engine.methods.base import stored_bytes
+from engine.models import build_backbone
+from engine.surgery import compressible_layers
 
 DEFAULT_EPS_GRID: tuple[float, ...] = tuple(round(0.4 + 0.05 * i, 2) for i in range(12))  # 0.40 … 0.95
 ELEMENT_BYTES = 4  # float32 activations
@@ -76,8 +81,6 @@ class CalibrationResult:
         return cls(**known)
 
     def save(self, path: str | Path) -> Path:
-        import json
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict()))
@@ -85,8 +88,6 @@ class CalibrationResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationResult":
-        import json
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {path} does not exist: "
@@ -99,8 +100,6 @@ class CalibrationResult:
 
 def compressible_layer_names(model: nn.Module) -> list[str]:
     """Every ``nn.Conv2d`` / ``nn.Linear`` in definition order (engine.surgery's rule)."""
-    from engine.surgery import compressible_layers
-
     return list(compressible_layers(model))
 
 
@@ -266,8 +265,6 @@ def calibrate_model(
 
 def calibration_batches(dataset, batches: int, batch_size: int, seed: int) -> list:
     """The first ``batches`` batches of a seeded shuffle of ``dataset`` (same seed, same samples)."""
-    from torch.utils.data import DataLoader
-
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches and batch size must be >= 1, got {batches} and {batch_size}")
     generator = torch.Generator().manual_seed(seed)
@@ -318,8 +315,6 @@ def calibrate(
             result.from_cache = True
             return result
 
-    from engine.data import get_dataset, num_classes
-    from engine.models import build_backbone
 
     start = time.perf_counter()
     classes = num_classes(dataset, data_root=data_root)

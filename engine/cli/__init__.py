@@ -14,6 +14,9 @@ import pkgutil
 import sys
 from importlib.metadata import entry_points
 
+from engine.cli._errors import run_guarded
+from engine.shared import apply_shared_defaults
+
 ENTRY_POINT_GROUP = "lance.commands"
 
 # OpenMP threads that spin while waiting slow small kernels down by orders of magnitude on a busy
@@ -53,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from engine.cli._errors import run_guarded
-    from engine.shared import apply_shared_defaults
 
     # ../shared, as `lance app` finds it (the app prints what it set; it sets them itself)
-    changed = {} if args.func.__module__ == "engine.cli.app" else apply_shared_defaults(os.environ)
+    changed = {} if args.func.__module__ == "lance_app.cli" else apply_shared_defaults(os.environ)
     try:
         return run_guarded(args.func, args, prog=f"lance {args.command}")
     finally:

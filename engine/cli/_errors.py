@@ -10,6 +10,12 @@ import os
 import sys
 from collections.abc import Callable
 
+from engine.calibration.budget import BudgetError
+from engine.data.errors import BadImage, DatasetMissing
+from engine.models.weights import WeightsMissing
+from engine.store import StoreDamaged, StoreError, StoreReadOnly, StoreUnavailable
+from engine.train.config import ConfigError
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -36,25 +42,11 @@ def describe_os_error(exc: OSError) -> str:
 
 def bad_input_types() -> tuple[type, ...]:
     """Errors that mean "the user asked for something impossible": exit 2."""
-    from engine.calibration.budget import BudgetError
-    from engine.data.errors import BadImage, DatasetMissing
-    from engine.store import StoreError
-    from engine.train.config import ConfigError
-
-    class _Never(Exception):
-        pass
-
-    try:
-        from engine.models import WeightsMissing
-    except ImportError:  # pragma: no cover
-        WeightsMissing = _Never
     return (ConfigError, BudgetError, DatasetMissing, BadImage, WeightsMissing, StoreError)
 
 
 def run_guarded(func: Callable, args, prog: str = "lance") -> int:
     """``func(args)`` with every escaping error turned into a message and an exit status."""
-    from engine.store import StoreDamaged, StoreReadOnly, StoreUnavailable
-
     try:
         return int(func(args) or 0)
     except BrokenPipeError:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.store import StoreError
+from engine.store.files import atomic_write_text
+from engine.store.paths import default_root
+
 
 def write_json(target: str, data: dict) -> None:
     """Write ``data`` as indented JSON to ``target``, or to stdout when ``target`` is ``-``."""
@@ -11,9 +15,6 @@ def write_json(target: str, data: dict) -> None:
     if target == "-":
         print(text)
     else:
-        from engine.store import StoreError
-        from engine.store.files import atomic_write_text
-        from engine.store.paths import default_root
 
         path = Path(target).expanduser()
         root = default_root().resolve()

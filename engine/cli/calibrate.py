@@ -11,8 +11,27 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.calibration import (
+    DEFAULT_EPS_GRID,
+    BudgetError,
+    CalibrationResult,
+    InfeasibleBudget,
+    brute_force_multiple_choice_knapsack,
+    calibrate,
+    format_bytes,
+    solve_multiple_choice_knapsack,
+)
+from engine.calibration.plan import solve_plan
+from engine.data.errors import DatasetMissing
+from engine.models.weights import WeightsMissing
 
 DEFAULT_TRAIN_BATCH_SIZE = 128  # FinetuneConfig.batch_size, the fine-tune default (tested equal)
 
@@ -94,8 +113,6 @@ def _fail(command: str, message: str, code: int = 2) -> int:
 
 
 def _parse_eps(text: str | None):
-    from engine.calibration import DEFAULT_EPS_GRID
-
     if text is None:
         return list(DEFAULT_EPS_GRID)
     try:
@@ -114,8 +131,6 @@ def _parse_layers(text: str):
 
 
 def _print_calibration(result, stream) -> None:
-    from engine.calibration import format_bytes
-
     t = result.timing
     src = "cache" if result.from_cache else f"{t.get('total_s', t.get('spectra_s', 0)):.1f} s"
     print(f"{result.config.get('backbone')} on {result.config.get('dataset')}: {len(result.layers)} compressible "
@@ -140,11 +155,7 @@ def run_calibrate(args) -> int:
         layers = _parse_layers(args.layers)
     except ValueError as exc:
         return _fail("calibrate", str(exc))
-    import torch
 
-    from engine.calibration import calibrate
-    from engine.data.errors import DatasetMissing
-    from engine.models.weights import WeightsMissing
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,9 +184,6 @@ def run_calibrate(args) -> int:
 
 
 def run_ranks(args) -> int:
-    from engine.calibration import BudgetError, CalibrationResult, InfeasibleBudget, format_bytes
-    from engine.calibration.plan import solve_plan
-
     if args.batch_size is None or args.batch_size < 1:
         return _fail("ranks", f"--batch-size must be a whole number >= 1, got {args.batch_size}")
     try:
@@ -222,11 +230,7 @@ def _write_json(target: str, data: dict) -> None:
 
 
 def run_bench_solver(args) -> int:
-    import time
 
-    import numpy as np
-
-    from engine.calibration import brute_force_multiple_choice_knapsack, solve_multiple_choice_knapsack
 
     rng = np.random.default_rng(args.seed)
     timings, fronts = [], []
@@ -263,13 +267,7 @@ def run_bench_solver(args) -> int:
 
 
 def run_bench_calibrate(args) -> int:
-    import os
 
-    import torch
-
-    from engine.calibration import calibrate
-    from engine.data.errors import DatasetMissing
-    from engine.models.weights import WeightsMissing
 
     if args.threads:
         torch.set_num_threads(args.threads)

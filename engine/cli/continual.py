@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from engine.cli._output import write_json as _write_json
+from engine.cli.validate import check_json_target
+from engine.continual import METHODS
+from engine.continual.learner import ContinualConfig
+from engine.continual.session import ContinualRunFailed, SequenceSpec, load_tasks, resume_method, run_method
+from engine.data.errors import DatasetMissing
+from engine.store import RunStore, StoreError
 
 BENCHMARKS = ("split-cifar10", "split-cifar100", "split-digits", "5-datasets")
 
@@ -82,8 +90,6 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _methods(text: str) -> list[str]:
-    from engine.continual import METHODS
-
     methods = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not methods:
         raise ValueError("--method is empty; give lance, gpm and/or finetune")
@@ -94,9 +100,6 @@ def _methods(text: str) -> list[str]:
 
 
 def spec_from_args(args):
-    from engine.continual.learner import ContinualConfig
-    from engine.continual.session import SequenceSpec
-
     if not args.benchmark:
         raise ValueError(f"--benchmark is required ({' | '.join(BENCHMARKS)})")
     def number_or_none(flag: str, text) -> float | None:
@@ -135,12 +138,6 @@ def print_table(runs: list[dict], stream=sys.stdout) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from engine.cli.validate import check_json_target
-    from engine.continual.session import ContinualRunFailed, load_tasks, resume_method, run_method
-    from engine.data.errors import DatasetMissing
-    from engine.store import RunStore, StoreError
 
     stream = None if args.quiet else sys.stderr
     try:

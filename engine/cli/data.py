@@ -5,6 +5,10 @@ import argparse
 import json
 import sys
 
+from engine.data import available_datasets, data_roots, dataset_status, download
+from engine.models import SPECS, weight_files, weights_available
+from engine.models.weights import weights_dir as resolve
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("backbones", help="list backbones, whether their weights are here, how to get them",
@@ -26,9 +30,6 @@ def register(subparsers) -> None:
 
 
 def backbone_rows(weights_dir=None) -> list[dict]:
-    from engine.models import SPECS, weight_files, weights_available
-    from engine.models.weights import weights_dir as resolve
-
     folder = resolve(weights_dir)
     rows = []
     for name, spec in SPECS.items():
@@ -71,8 +72,6 @@ def run_backbones(args: argparse.Namespace) -> int:
 
 
 def run_datasets(args: argparse.Namespace) -> int:
-    from engine.data import available_datasets, data_roots, dataset_status, download
-
     if args.download:
         try:
             path = download(args.download, args.data_root)

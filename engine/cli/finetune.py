@@ -1,9 +1,29 @@
 """``lance finetune`` and ``lance evaluate``: fine-tuning runs into the run store, and evaluating them."""
 from __future__ import annotations
 
+import os
 import sys
 
 from engine.cli._output import write_json as _write_json
+from engine.cli.validate import check_json_target, check_not_empty
+from engine.data.decode import SKIP_BAD_IMAGES_ENV
+from engine.data.errors import BadImage, DatasetMissing
+from engine.store import RunStore, StoreDamaged, StoreError, StoreReadOnly, StoreUnavailable
+from engine.train.config import (
+    BUDGET_METHODS,
+    DEFAULT_BACKBONE,
+    DEFAULT_DATASET,
+    EPS_METHODS,
+    RANKS_METHODS,
+    ConfigError,
+    FinetuneConfig,
+    per_method,
+    split_methods,
+    validate,
+)
+from engine.train.evaluate import evaluate_run
+from engine.train.session import resume_config, run_finetune, summary_for_json
+from engine.train.sinks import ProgressSink, _fmt_bytes
 
 METHODS_HELP = "vanilla, gradient_filter, hosvd, asi, lance (comma-separated: run one after another)"
 
@@ -95,16 +115,6 @@ def _fail(command: str, message: str, code: int = 2) -> int:
 
 def config_from_args(args):
     """FinetuneConfig from parsed arguments (raises ConfigError)."""
-    from engine.train.config import (
-        BUDGET_METHODS,
-        DEFAULT_BACKBONE,
-        DEFAULT_DATASET,
-        EPS_METHODS,
-        RANKS_METHODS,
-        FinetuneConfig,
-        per_method,
-        split_methods,
-    )
 
     methods = split_methods(args.method)
     return FinetuneConfig(
@@ -124,8 +134,6 @@ def config_from_args(args):
 
 
 def print_table(results, stream=None) -> None:
-    from engine.train.sinks import _fmt_bytes
-
     stream = stream or sys.stdout
     header = (f"{'method':<16}{'status':<12}{'val acc %':>10}{'layer act':>11}{'region act':>12}"
               f"{'analytic':>11}{'step ms':>9}{'MFLOP/step':>12}  run")
@@ -141,15 +149,6 @@ def print_table(results, stream=None) -> None:
 
 
 def run(args) -> int:
-    import os
-
-    from engine.cli.validate import check_json_target, check_not_empty
-    from engine.data.decode import SKIP_BAD_IMAGES_ENV
-    from engine.data.errors import BadImage, DatasetMissing
-    from engine.store import RunStore, StoreDamaged, StoreError, StoreReadOnly, StoreUnavailable
-    from engine.train.config import ConfigError
-    from engine.train.session import resume_config, run_finetune, summary_for_json
-    from engine.train.sinks import ProgressSink
 
     if getattr(args, "skip_bad_images", False):
         os.environ[SKIP_BAD_IMAGES_ENV] = "1"
@@ -163,7 +162,6 @@ def run(args) -> int:
         else:
             config = config_from_args(args)
             resume_id = None
-        from engine.train.config import validate
 
         validate(config)
     except (StoreDamaged, StoreReadOnly, StoreUnavailable) as exc:  # the store failed, not the input
@@ -209,11 +207,6 @@ def run(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from engine.data.errors import DatasetMissing
-    from engine.store import RunStore, StoreError
-    from engine.train.config import ConfigError
-    from engine.train.evaluate import evaluate_run
-
     try:
         result = evaluate_run(RunStore(), args.run, args.dataset, split=args.split, data_root=args.data_root,
                               limit=args.limit, batch_size=args.batch_size, device=args.device)

@@ -6,6 +6,12 @@ import sys
 import time
 from pathlib import Path
 
+from engine.store import RunStore, StoreError
+from engine.store.paths import default_root
+from engine.store.procinfo import is_alive
+from engine.store.repair import repair_store
+from engine.train.sinks import _fmt_bytes
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("runs", help="list, show, export, delete or repair stored runs",
@@ -64,9 +70,6 @@ def _brief(run: dict) -> dict:
 
 
 def run_list(args) -> int:
-    from engine.store import RunStore
-    from engine.train.sinks import _fmt_bytes
-
     runs = RunStore().list_runs(kind=args.kind, status=args.status, job_id=args.job_id)
     if args.json:
         print(json.dumps([_brief(r) for r in runs], indent=2, default=str))
@@ -88,8 +91,6 @@ def run_list(args) -> int:
 
 
 def run_show(args) -> int:
-    from engine.store import RunStore, StoreError
-
     store = RunStore()
     try:
         run = store.find_run(args.run)
@@ -127,8 +128,6 @@ def run_show(args) -> int:
 
 
 def run_export(args) -> int:
-    from engine.store import RunStore, StoreError
-
     store = RunStore()
     out = Path(args.out)
     fmt = (args.format or out.suffix.lstrip(".")).lower()
@@ -144,9 +143,6 @@ def run_export(args) -> int:
 
 
 def run_delete(args) -> int:
-    from engine.store import RunStore, StoreError
-    from engine.store.procinfo import is_alive
-
     store = RunStore()
     try:
         runs = [store.find_run(ref) for ref in args.runs]
@@ -164,9 +160,6 @@ def run_delete(args) -> int:
 
 
 def run_repair(args) -> int:
-    from engine.store.paths import default_root
-    from engine.store.repair import repair_store
-
     report = repair_store(default_root())
     if args.json:
         print(json.dumps(report, indent=2, default=str))

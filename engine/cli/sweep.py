@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from engine.cli._output import write_json as _write_json
+from engine.store import RunStore, StoreError
+from engine.store.sweeps import SweepStore
+from engine.sweep import SweepError, SweepSpec, configurations_csv, log_trial, parse_value, run_sweep, sweep_results
+from engine.sweep.results import print_table
 
 EXAMPLE = ("lance sweep --kind finetune --backbone small-cnn --dataset digits --method asi,lance "
            "--budget 20kB,40kB --seeds 0,1 --layers 2 --epochs 1 --set limit_train=256 --workers 2 --json out.json")
@@ -65,8 +70,6 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _values(text: str) -> list:
-    from engine.sweep import parse_value
-
     return [parse_value(v) for v in str(text).split(",") if v.strip()]
 
 
@@ -78,8 +81,6 @@ def _pair(text: str, option: str) -> tuple[str, str]:
 
 
 def spec_from_args(args):
-    from engine.sweep import SweepSpec, parse_value
-
     methods = [m.strip() for m in (args.method or ("vanilla" if args.kind == "finetune" else "lance")).split(",")
                if m.strip()]
     try:
@@ -107,17 +108,6 @@ def spec_from_args(args):
 
 
 def run(args) -> int:
-    from engine.store import RunStore, StoreError
-    from engine.store.sweeps import SweepStore
-    from engine.sweep import (
-        SweepError,
-        configurations_csv,
-        log_trial,
-        run_sweep,
-        sweep_results,
-    )
-    from engine.sweep.results import print_table
-
     try:
         store = RunStore()
         if args.list:
@@ -157,7 +147,6 @@ def run(args) -> int:
         if args.csv == "-":
             sys.stdout.write(text)
         else:
-            from pathlib import Path
 
             Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
             Path(args.csv).write_text(text)

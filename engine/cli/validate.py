@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.store.paths import default_root
 from engine.train.config import ConfigError
 
 
@@ -23,7 +24,6 @@ def check_json_target(target: str | None) -> None:
     """ConfigError when ``--json`` points into the run store (it would overwrite the database or a run file)."""
     if not target or target == "-":
         return
-    from engine.store.paths import default_root
 
     root = default_root().expanduser().resolve()
     path = Path(target).expanduser().resolve()

@@ -15,6 +15,12 @@ from typing import Callable
 
 import torch
 
+from engine.data.continual import task_splits
+from engine.memory import StepMeter
+from engine.models import build_multihead
+from engine.train.checkpoint import CheckpointRefused, load_tensors_only
+from engine.train.faults import explain_failure
+
 from .learner import ContinualConfig, ContinualLearner
 from .runner import TaskRecord, peak_over, run_sequence, task_rows
 
@@ -75,8 +81,6 @@ def _subset(dataset, n: int | None, seed: int):
 
 def load_tasks(spec: SequenceSpec) -> list:
     """The benchmark's tasks (``engine.data.continual.task_splits``), limited to the requested sizes."""
-    from engine.data.continual import task_splits
-
     seed = int(spec.training.get("seed", 0))
     tasks = task_splits(spec.benchmark, dataset=spec.dataset, data_root=spec.data_root,
                         resolution=spec.resolution, seed=seed)
@@ -87,8 +91,6 @@ def load_tasks(spec: SequenceSpec) -> list:
 
 
 def build_model(spec: SequenceSpec, tasks: list):
-    from engine.models import build_multihead
-
     classes = [len(task.classes) for task in tasks]
     return build_multihead(spec.backbone, classes, resolution=spec.resolution,
                            seed=int(spec.training.get("seed", 0)))
@@ -158,8 +160,6 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
                          f"continue with: lance continual --resume {run_id}")
         raise
     except Exception as exc:
-        from engine.train.faults import explain_failure
-
         message = explain_failure(exc, lr=config.lr)  # continual has no --budget: lr advice only
         try:
             store.set_status(run_id, "failed", message)
@@ -173,8 +173,6 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
 
 
 def default_meter(model):
-    from engine.memory import StepMeter
-
     return StepMeter(model)
 
 
@@ -204,7 +202,6 @@ def resume_method(store, run_ref: str, stream=sys.stdout, meter_factory: Callabl
     if not path.is_file():
         raise ValueError(f"run {run['id']} has no checkpoint at {path} (it stopped before finishing its first "
                          "task); start a new run instead")
-    from engine.train.checkpoint import CheckpointRefused, load_tensors_only
 
     try:
         state = load_tensors_only(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.data import get_dataset, num_classes
+from engine.data.feature_cache import cached_features, feature_key
+from engine.models import build_backbone, split_at_stage, stage_of_layer
+from engine.surgery import compressible_layers
+
 
 def _layer_names(model: nn.Module) -> list[str]:
-    try:
-        from engine import compressible_layers
-
-        return list(compressible_layers(model))
-    except ImportError:
-        return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return list(compressible_layers(model))
 
 
 def _epoch(step_inputs, model_fn, params, batches) -> float:
@@ -60,9 +60,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from engine.data import get_dataset, num_classes
-    from engine.data.feature_cache import cached_features, feature_key
-    from engine.models import build_backbone, split_at_stage, stage_of_layer
 
     classes = num_classes(args.dataset, args.data_root)
     torch.manual_seed(0)

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torchvision.datasets as tvd
+from torchvision.datasets.utils import download_and_extract_archive
+
+from engine.models.weights import offline
+
 from . import sources
 from .arrays import ImageArrays
 from .errors import DatasetMissing
@@ -39,8 +44,6 @@ class DatasetSpec:
 
 def _tv_download(cls_name: str, **kwargs) -> Callable[[Path], None]:
     def download(root: Path) -> None:
-        import torchvision.datasets as tvd
-
         cls = getattr(tvd, cls_name)
         for extra in ([{"train": True}, {"train": False}] if "split" not in kwargs else [{}]):
             cls(str(root), download=True, **{**kwargs, **extra})
@@ -49,16 +52,12 @@ def _tv_download(cls_name: str, **kwargs) -> Callable[[Path], None]:
 
 def _tv_split_download(cls_name: str, splits: list[dict]) -> Callable[[Path], None]:
     def download(root: Path) -> None:
-        import torchvision.datasets as tvd
-
         for extra in splits:
             getattr(tvd, cls_name)(str(root), download=True, **extra)
     return download
 
 
 def _cub_download(root: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
     download_and_extract_archive("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", str(root))
 
 
@@ -212,7 +211,6 @@ def download(name: str, data_root=None) -> Path:
         return Path(".")
     if spec.download is None:
         raise ValueError(f"{name} cannot be downloaded automatically: {spec.how_to_get}")
-    from engine.models.weights import offline
 
     if offline():
         raise OSError(f"LANCE_OFFLINE is set: not downloading {name}; {spec.how_to_get}")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.io import loadmat
+from sklearn.datasets import load_digits
 
 from .arrays import ImageArrays
 from .decode import (
@@ -63,8 +65,6 @@ def load_digits_arrays(max_per_class: int | None = None) -> ImageArrays:
     """scikit-learn's 1,797 8x8 digits as (N, 3, 8, 8) uint8 (grey replicated), one split ``all``.
 
     Cached in the process (datasets only read the arrays)."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     grey = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (N, 8, 8)
     return _from_hwc(np.repeat(grey[..., None], 3, axis=-1), digits.target, [str(i) for i in range(10)], max_per_class)
@@ -194,8 +194,6 @@ def load_pets(folder: Path, split: str, store_size: int | None, max_per_class: i
 
 def load_flowers(folder: Path, split: str, store_size: int | None, max_per_class: int | None = None) -> ImageArrays:
     """Flowers-102: setid.mat (trnid/valid/tstid), imagelabels.mat (labels 1..102), jpg/image_%05d.jpg."""
-    from scipy.io import loadmat
-
     key = {"train": "trnid", "val": "valid", "test": "tstid"}[split]
     image_ids = np.atleast_1d(loadmat(folder / "setid.mat", squeeze_me=True)[key]).tolist()
     all_labels = np.atleast_1d(loadmat(folder / "imagelabels.mat", squeeze_me=True)["labels"]) - 1
@@ -251,8 +249,6 @@ def load_mnist_like(folder: Path, split: str, classes: list[str], max_per_class:
 
 def load_svhn(folder: Path, split: str, max_per_class: int | None = None) -> ImageArrays:
     """SVHN cropped digits: {train,test}_32x32.mat with X (32, 32, 3, N) and y (N, 1), 10 meaning 0."""
-    from scipy.io import loadmat
-
     mat = loadmat(folder / f"{split}_32x32.mat")
     images = np.transpose(mat["X"], (3, 0, 1, 2))
     labels = mat["y"].astype(np.int64).reshape(-1) % 10

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from engine.data import get_dataset
+from engine.models.small_cnn import SmallCNN
+
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_FILE = PRETRAINED_DIR / "small-cnn-digits.pt"
 RECIPE = {"dataset": "digits-0to4", "split": "all images", "resolution": 32, "mean": 0.5, "std": 0.5,
@@ -40,8 +43,6 @@ def shift_batch(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 
 def pretrain(recipe: dict = RECIPE, log=print) -> tuple[dict, dict]:
     """(state_dict, report) of ``small-cnn`` trained on ``recipe`` (deterministic for a given recipe)."""
-    from engine.data import get_dataset
-    from engine.models.small_cnn import SmallCNN
 
     torch.manual_seed(recipe["seed"])
     generator = torch.Generator().manual_seed(recipe["seed"])

@@ -18,6 +18,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import torch
+from platformdirs import user_data_dir
+
 
 class WeightsMissing(FileNotFoundError):
     """Pretrained weights not found locally and not downloadable (message says what to do)."""
@@ -65,7 +68,6 @@ def lance_home() -> Path:
     env = os.environ.get("LANCE_HOME")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_data_dir
 
     return Path(user_data_dir("lance-lab"))
 
@@ -133,8 +135,6 @@ def missing_message(backbone: str, filenames: list[str], looked_in: list[Path], 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
     """Load a state_dict from ``path``; unwraps ``{"state_dict": …}`` / ``{"model": …}`` checkpoints."""
-    import torch
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsMissing(f"weights file {path} does not exist; pass an existing state_dict file, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import platformdirs
+
 APP_NAME = "lance-lab"
 
 
@@ -12,6 +14,5 @@ def default_root() -> Path:
     env = os.environ.get("LANCE_HOME")
     if env:
         return Path(env).expanduser()
-    import platformdirs
 
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))

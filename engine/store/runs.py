@@ -25,6 +25,7 @@ A metric value that is NaN is stored as NULL (SQLite has no NaN) and read back a
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -755,8 +756,6 @@ def _is_readonly_error(exc: BaseException) -> bool:
 
 
 def _errno_name(exc: OSError) -> str:
-    import errno
-
     return errno.errorcode.get(exc.errno, "?") if exc.errno else type(exc).__name__
 
 

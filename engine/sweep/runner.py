@@ -20,6 +20,7 @@ from engine.store import RunStore, StoreError
 from engine.store.sweeps import SweepStore
 from engine.sweep.spec import SweepError, SweepSpec
 from engine.sweep.trial import driver_env, execute_trial
+from engine.train.config import ConfigError, validate
 
 OBJECT_STORE_BYTES = 96 * 1024 * 1024   # trials return small dicts; the store holds nothing big
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -90,8 +91,6 @@ def prepare_sweep(spec: SweepSpec | None, store: RunStore, resume: str | None = 
 
 def _check_trial_configs(spec: SweepSpec) -> None:
     """Every trial's settings are checked before any starts (the reason names the trial)."""
-    from engine.train.config import ConfigError, validate
-
     for trial in spec.trials():
         try:
             if spec.kind == "finetune":

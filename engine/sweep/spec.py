@@ -25,6 +25,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from engine.continual import METHODS as CONTINUAL_METHODS
+from engine.continual.learner import ContinualConfig
+from engine.continual.session import SequenceSpec
+from engine.train.config import METHODS as FINETUNE_METHODS
+from engine.train.config import FinetuneConfig
+
 KINDS = ("finetune", "continual")
 DEFAULT_BACKBONE = "small-cnn"   # the embedded default (the app's): no network, no ../shared
 DEFAULT_DATASET = "digits"
@@ -44,15 +50,10 @@ class SweepError(ValueError):
 
 
 def _finetune_fields() -> dict[str, Any]:
-    from engine.train.config import FinetuneConfig
-
     return {f.name: f for f in fields(FinetuneConfig)}
 
 
 def _continual_fields() -> tuple[dict[str, Any], dict[str, Any]]:
-    from engine.continual.learner import ContinualConfig
-    from engine.continual.session import SequenceSpec
-
     return ({f.name: f for f in fields(SequenceSpec) if f.name != "training"},
             {f.name: f for f in fields(ContinualConfig)})
 
@@ -65,11 +66,7 @@ def known_fields(kind: str) -> set[str]:
 
 
 def methods_for(kind: str) -> tuple[str, ...]:
-    if kind == "finetune":
-        from engine.train.config import METHODS
-    else:
-        from engine.continual import METHODS
-    return tuple(METHODS)
+    return tuple(FINETUNE_METHODS if kind == "finetune" else CONTINUAL_METHODS)
 
 
 def parse_value(text: Any) -> Any:
@@ -207,8 +204,6 @@ class SweepSpec:
     # ---------------------------------------------------------------------------------- one run
     def finetune_config(self, trial: Trial):
         """The ``FinetuneConfig`` of one trial (validated by the caller)."""
-        from engine.train.config import FinetuneConfig
-
         known = _finetune_fields()
         data: dict[str, Any] = {"backbone": DEFAULT_BACKBONE, "dataset": DEFAULT_DATASET}
         values = {**self.base, **trial.params}
@@ -224,8 +219,6 @@ class SweepSpec:
 
     def sequence_spec(self, trial: Trial):
         """The ``SequenceSpec`` of one trial (its ``training`` validated by ``ContinualConfig``)."""
-        from engine.continual.session import SequenceSpec
-
         seq_fields, train_fields = _continual_fields()
         seq: dict[str, Any] = {"benchmark": "split-digits"}
         training: dict[str, Any] = {}

@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 
+from engine.continual.session import run_method
 from engine.store import RunStore
 from engine.store.sweeps import SweepStore, trial_job_id
 from engine.sweep.spec import SweepSpec, Trial
+from engine.train.config import validate
+from engine.train.session import run_finetune
 
 PASSED_ENV = ("LANCE_CACHE_DIR", "LANCE_DATA_ROOT", "LANCE_WEIGHTS_DIR", "OMP_WAIT_POLICY")
 
@@ -67,9 +70,6 @@ def _run_of(store: RunStore, job_id: str) -> str | None:
 
 
 def _finetune(spec: SweepSpec, trial: Trial, store: RunStore, job_id: str):
-    from engine.train.config import validate
-    from engine.train.session import run_finetune
-
     config = validate(spec.finetune_config(trial))
     results = run_finetune(config, store=store, job_id=job_id)
     result = results[0]
@@ -77,8 +77,6 @@ def _finetune(spec: SweepSpec, trial: Trial, store: RunStore, job_id: str):
 
 
 def _continual(spec: SweepSpec, trial: Trial, store: RunStore, job_id: str):
-    from engine.continual.session import run_method
-
     seq = spec.sequence_spec(trial)
     seq.config_for(trial.method)  # validates the numbers before any run exists
     summary = run_method(store, seq, trial.method, job_id=job_id, stream=None)

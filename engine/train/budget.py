@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from engine.calibration import DEFAULT_EPS_GRID, BudgetError, CalibrationResult, InfeasibleBudget, calibrate
 from engine.calibration.plan import (
     Plan,
     PlanError,
@@ -29,6 +30,8 @@ from engine.calibration.plan import (
     load_plan,
     solve_plan,
 )
+from engine.data.errors import DatasetMissing
+from engine.models.weights import WeightsMissing
 from engine.train.config import ConfigError, FinetuneConfig, load_ranks_file
 
 # ``lance calibrate``'s defaults (engine/cli/calibrate.py): the calibration a plain --budget runs.
@@ -57,10 +60,6 @@ def plan_info(plan: Plan, method: str, source: str) -> dict[str, Any]:
 
 def default_calibration(config: FinetuneConfig, log: Callable[[str], None] = lambda s: None):
     """``lance calibrate``'s default calibration of the run's backbone and last ``config.layers`` layers."""
-    from engine.calibration import DEFAULT_EPS_GRID, calibrate
-    from engine.data.errors import DatasetMissing
-    from engine.models.weights import WeightsMissing
-
     log(f"--budget without --calibration: calibrating {config.backbone} on {config.dataset} once with "
         f"`lance calibrate`'s defaults ({DEFAULT_CALIBRATION_BATCHES} batches of {DEFAULT_CALIBRATION_BATCH_SIZE}, "
         f"{len(DEFAULT_EPS_GRID)} ε), or reading its cache")
@@ -76,8 +75,6 @@ def default_calibration(config: FinetuneConfig, log: Callable[[str], None] = lam
 def resolve_plans(config: FinetuneConfig, layer_names: Sequence[str], resolution: int | None,
                   log: Callable[[str], None] = lambda s: None) -> dict[str, MethodPlan]:
     """``{method: MethodPlan}`` for every method with ``--ranks`` or ``--budget``; raises ConfigError."""
-    from engine.calibration import BudgetError, CalibrationResult, InfeasibleBudget
-
     layers = list(layer_names)
     out: dict[str, MethodPlan] = {}
     files: dict[str, Plan] = {}

@@ -17,6 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from engine.calibration.budget import BudgetError, parse_budget
+from engine.calibration.plan import Plan, PlanError
+from engine.data import DatasetMissing, available_datasets, locate
+from engine.models import available_backbones, bundled_weights
+
 METHODS = ("vanilla", "gradient_filter", "hosvd", "asi", "lance")
 # LANCE 0.95 (was 0.7): on the default (small-cnn-digits -> digits-5to9) ε 0.7 keeps ~1 direction per mode
 # and lands 16 points below vanilla, ε 0.9 5.6 below, ε 0.95 1.1 below at 52x fewer layer bytes (docs/finetune.md)
@@ -185,7 +192,6 @@ def validate(config: FinetuneConfig, *, check_data: bool = True) -> FinetuneConf
     for method, value in config.budget.items():
         if method not in BUDGET_METHODS:
             raise ConfigError(f"--budget does not apply to {method}; it sets the ranks of {', '.join(BUDGET_METHODS)}")
-        from engine.calibration.budget import BudgetError, parse_budget
 
         try:
             if parse_budget(value) <= 0:
@@ -214,8 +220,6 @@ def validate(config: FinetuneConfig, *, check_data: bool = True) -> FinetuneConf
     if config.device not in ("cpu", "cuda") and not str(config.device).startswith("cuda:"):
         raise ConfigError(f"--device must be cpu or cuda, got {config.device!r}")
     if str(config.device).startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
 
@@ -226,17 +230,11 @@ def validate(config: FinetuneConfig, *, check_data: bool = True) -> FinetuneConf
 
 
 def _validate_backbone(config: FinetuneConfig) -> None:
-    try:
-        from engine.models import available_backbones
-    except ImportError:  # the model zoo is not installed: nothing to check against
-        return
     names = list(available_backbones())
     if config.backbone not in names:
         raise ConfigError(f"unknown backbone {config.backbone!r}; available: {', '.join(names)}")
     weights = config.weights
     if weights == "bundled":
-        from engine.models import bundled_weights
-
         if bundled_weights(config.backbone) is None:
             raise ConfigError(f"--weights bundled: {config.backbone} has no bundled weights; use imagenet, none "
                               "or a file (small-cnn-digits has bundled weights)")
@@ -248,10 +246,6 @@ def _validate_backbone(config: FinetuneConfig) -> None:
 def _validate_dataset(config: FinetuneConfig) -> None:
     """Known name and present here (cheap: no image is decoded)."""
     name = config.dataset
-    try:
-        from engine.data import DatasetMissing, available_datasets, locate
-    except ImportError:
-        return
     if not name.startswith("imagefolder:"):
         names = list(available_datasets())
         if name not in names:
@@ -274,8 +268,6 @@ def load_ranks_file(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--ranks file {p} is not readable JSON: {exc}") from None
     if isinstance(data, dict) and data.get("format") == "lance-plan":
-        from engine.calibration.plan import Plan, PlanError
-
         try:
             plan = Plan.from_dict(data)
         except PlanError as exc:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from engine.data.feature_cache import cached_features
+
 CALIBRATION_EPOCH = -1
 DISK_CACHE_FROM_BYTES = 16 * 2**20
 
@@ -111,10 +113,6 @@ def frozen_features(prefix: nn.Module, dataset: Dataset, key: dict, device: str 
     """``prefix``'s outputs for ``dataset``: through the engine's feature cache (memory, or a reusable
     file under $LANCE_HOME/cache/features when large) where available; returns ``(features dataset, seconds)``."""
     start = time.perf_counter()
-    try:
-        from engine.data.feature_cache import cached_features
-    except ImportError:
-        return compute_features(prefix, dataset, device=device), time.perf_counter() - start
     # beyond a few MB the features go to a reusable file (a rerun of the same setup skips the prefix)
     return (cached_features(prefix, dataset, key, device=device, in_memory_max_bytes=DISK_CACHE_FROM_BYTES),
             time.perf_counter() - start)

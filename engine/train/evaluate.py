@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.data import get_dataset
+from engine.models import build_backbone
 from engine.train.checkpoint import load_checkpoint
 from engine.train.config import ConfigError
 from engine.train.data import DatasetBatches, seeded_subset
@@ -11,8 +13,6 @@ from engine.train.loop import evaluate
 
 def load_trained_model(store, run_ref: str):
     """(run record, plain backbone with the run's last checkpointed weights, Backbone, checkpoint)."""
-    from engine.models import build_backbone
-
     run = store.find_run(run_ref)
     if run["kind"] != "finetune":
         raise ConfigError(f"run {run['id']} is a {run['kind']} run; lance evaluate reads fine-tuning runs")
@@ -29,8 +29,6 @@ def evaluate_run(store, run_ref: str, dataset: str, split: str = "test", data_ro
 
     The dataset must have the run's classes (same number; same names where both have names).
     """
-    from engine.data import get_dataset
-
     run, backbone, ckpt = load_trained_model(store, run_ref)
     config = run["config"]
     resolution = config.get("resolution") or backbone.resolution

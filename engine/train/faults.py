@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import threading
+
+import torch
 
 
 class TrainingDiverged(RuntimeError):
@@ -29,8 +32,6 @@ class TrainingDiverged(RuntimeError):
 
 def is_numerical_failure(exc: BaseException) -> bool:
     """A linear-algebra or non-finite-value error: what a diverging run raises inside SVD/eigh/QR."""
-    import torch
-
     if isinstance(exc, (torch.linalg.LinAlgError, TrainingDiverged)):
         return True
     text = f"{type(exc).__name__}: {exc}".lower()
@@ -43,8 +44,6 @@ def explain_failure(exc: BaseException, lr: float | None = None, method: str | N
         return str(exc)
     cause = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, OSError) and exc.errno:
-        import errno
-
         cause += f" ({errno.errorcode.get(exc.errno, exc.errno)})"
     if is_numerical_failure(exc):
         lr_text = f" (now {lr:g})" if lr is not None else ""

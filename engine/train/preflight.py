@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.data import get_dataset, locate
 from engine.train.config import ConfigError, FinetuneConfig
 
 
@@ -63,8 +64,6 @@ def check_data(config: FinetuneConfig, resolution: int, mean=None, std=None) -> 
     Raises ConfigError (one class, evaluation classes missing from training) or ``BadImage`` (names the
     file; ``--skip-bad-images`` drops such files instead, with a count).
     """
-    from engine.data import get_dataset, locate
-
     if config.dataset.startswith("imagefolder:"):
         folder = locate(config.dataset, config.data_root)
         train_dir = folder / "train" if (folder / "train").is_dir() else folder

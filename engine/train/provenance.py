@@ -7,6 +7,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,8 +38,6 @@ def git_commit(repo: Path = REPO_ROOT) -> dict[str, str | bool | None]:
 
 
 def device_info(device: str) -> dict[str, str | int | None]:
-    import torch
-
     info: dict[str, str | int | None] = {"device": device, "threads": torch.get_num_threads(),
                                          "platform": platform.platform(), "cpu": platform.processor() or None}
     if str(device).startswith("cuda") and torch.cuda.is_available():

@@ -23,6 +23,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+import engine
+from engine.data import get_dataset
+from engine.data import num_classes as dataset_classes
+from engine.memory import StepMeter
+from engine.models import WeightsMissing, backbone_spec, build_backbone, split_at_stage, stage_of_layer
+from engine.store import RunStore
+from engine.surgery import compressible_layers
 from engine.train import preflight
 from engine.train.budget import resolve_plans
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
@@ -68,13 +75,8 @@ class SuffixModel(nn.Module):
 
 
 def compressible_names(model: nn.Module) -> list[str]:
-    """Qualified names of every Conv2d / Linear (the engine's own function when available)."""
-    try:
-        from engine import compressible_layers
-
-        return list(compressible_layers(model))
-    except ImportError:
-        return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Qualified names of every Conv2d / Linear."""
+    return list(compressible_layers(model))
 
 
 @dataclass
@@ -118,9 +120,6 @@ def load_backbone(config: FinetuneConfig):
     Fast (no data): run before anything else so missing weights or too many layers fail at once.
     Raises ConfigError (weights missing, --layers too large).
     """
-    from engine.data import num_classes as dataset_classes
-    from engine.models import WeightsMissing, build_backbone
-
     classes = int(dataset_classes(config.dataset, data_root=config.data_root))
     torch.manual_seed(config.seed)
     try:
@@ -135,9 +134,6 @@ def load_backbone(config: FinetuneConfig):
 
 def prepare(config: FinetuneConfig, log: Callable[[str], None] = lambda s: None) -> Workbench:
     """Build the backbone (seeded head), load the data, cut the model and cache the prefix features."""
-    from engine.data import get_dataset
-    from engine.models import split_at_stage, stage_of_layer
-
     start = time.perf_counter()
     model, backbone, layer_names = load_backbone(config)
     resolution = _resolution(config) or backbone.resolution
@@ -189,7 +185,6 @@ def feature_key(backbone, weights, dataset, split, resolution, cut, **extra) -> 
 def _resolution(config: FinetuneConfig) -> int | None:
     if config.resolution is not None:
         return config.resolution
-    from engine.models import backbone_spec
 
     return backbone_spec(config.backbone).resolution
 
@@ -230,8 +225,6 @@ def calibration_batches(bench: Workbench, device: str) -> list:
 def build_trainable(bench: Workbench, method: str, plans: dict | None = None) -> Trainable:
     """A fresh copy of the pristine model, cut at ``bench.cut`` and compressed with ``method``
     (ASI/LANCE at the ranks of ``plans[method]`` when given: engine.train.budget.resolve_plans)."""
-    import engine
-
     config = bench.config
     torch.manual_seed(config.seed)
     model = copy.deepcopy(bench.model).to(config.device)
@@ -278,8 +271,6 @@ class EngineProbe:
     """Per step: saved bytes (measured, both figures), analytic bytes, FLOPs, ranks, captured energy."""
 
     def __init__(self, trainable: Trainable, device: str = "cpu", steps_done: int = 0):
-        from engine.memory import StepMeter
-
         self.wrapper = trainable.wrapper
         self.handle = trainable.handle
         self.method = trainable.handle.method
@@ -451,7 +442,6 @@ def _train_method(bench: Workbench, method: str, run_id: str, store, sinks: list
 
     def on_epoch_end(loop_state: LoopState) -> None:
         plain = copy.deepcopy(trainable.wrapper.model)
-        import engine
 
         engine.restore_model(plain)
         save_checkpoint(checkpoint_path, {
@@ -493,8 +483,6 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
     not match the run and an infeasible budget: ``engine.train.budget.resolve_plans``); one found only
     during a run's setup fails that run (``bad_argument``).
     """
-    from engine.store import RunStore
-
     validate(config)
     store = store or RunStore()
     if bench is None:  # weights present, --layers possible, patch fits, data sane: fail before any run exists

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from engine.store import StoreError
 from engine.train.events import EpochEnded, Event, RunEnded, RunStarted, StepEnded
 
@@ -80,8 +82,6 @@ class ProgressSink:
         return self._stream or sys.stderr
 
     def emit(self, event: Event) -> None:
-        from tqdm.auto import tqdm
-
         if isinstance(event, RunStarted):
             self.method, self.epochs = event.method, event.epochs
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, desc=event.method,
