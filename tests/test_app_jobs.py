@@ -13,10 +13,9 @@ import time
 
 import pytest
 
+from engine.store import RunStore
 from lance_app.jobs import JobRunner
 from lance_app.live import JobView, job_progress, readable_failure, steps_per_run
-
-RunStore = pytest.importorskip("engine.store").RunStore
 
 STANDIN = textwrap.dedent('''
     import sys, time

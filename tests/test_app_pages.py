@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from engine.store import RunStore
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = REPO / "pages"
-RunStore = pytest.importorskip("engine.store").RunStore
 
 
 def _page(name: str, timeout: float = 120) -> AppTest:
@@ -192,7 +193,6 @@ def test_finetune_page_draws_the_rows_of_a_job_from_the_url():
 
 
 def test_two_sessions_start_real_jobs_at_once_and_each_follows_its_own():
-    pytest.importorskip("engine.cli.finetune", reason="`lance finetune` (engine/cli/finetune.py) not in this checkout")
     sessions = {}
     for method in ("vanilla", "hosvd"):  # two browser sessions = two AppTest instances
         at = _page("finetune").run()
@@ -258,7 +258,6 @@ def test_continual_page_draws_matrix_tiles_and_usage():
 
 
 def test_continual_page_starts_a_real_job_with_its_training_settings():
-    pytest.importorskip("engine.cli.continual", reason="`lance continual` not in this checkout")
     at = _page("continual").run()
     no_exception(at)
     at.multiselect(key="cl_methods").set_value(["lance"])
@@ -345,7 +344,6 @@ def test_a_second_tab_lists_running_jobs_and_attaches(tmp_path):
 
 
 def test_a_job_that_fails_before_its_run_shows_the_cli_message():
-    pytest.importorskip("engine.cli.finetune", reason="`lance finetune` (engine/cli/finetune.py) not in this checkout")
     at = _page("finetune")
     at.session_state["lance_config"] = {"backbone": "small-cnn", "weights": "none", "dataset": "cifar100",
                                         "resolution": 0, "layers": 2, "seed": 0}

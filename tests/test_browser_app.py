@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.store import RunStore
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +41,6 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"Chromium not found at {CHROMIUM} (install it with `apt-get install chromium`)",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python package) not installed")
-RunStore = pytest.importorskip("engine.store").RunStore
 
 # A chart's point count, found by its title; Streamlit renders each st.plotly_chart as a .js-plotly-plot.
 POINTS_JS = """(title) => {
