@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import tensorly as tl  # a required dev dependency (pyproject [dev]): the independent reference
 import torch
 import torch.nn.functional as F
 from conftest import SHARED, needs_cifar10_jpeg, needs_mcunet_weights
+from tensorly.decomposition import tucker
 from torch import nn
 
 from engine.calibration import (
@@ -24,9 +26,6 @@ from engine.calibration import (
 from engine.calibration.perplexity import CapturedLayer, capture_layer_gradients, gradient_errors
 from engine.calibration.spectra import hosvd_singular_values
 from engine.spectra import rank_for_energy
-
-tl = pytest.importorskip("tensorly")
-from tensorly.decomposition import tucker  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
