@@ -191,13 +191,6 @@ class SavedBytesMeter:
             stack.extend(nxt for nxt, _ in n.next_functions)
         return sorted(rows.values(), key=lambda r: -r["bytes"])
 
-    def as_dict(self) -> dict:
-        return {
-            "layer_activation_bytes": int(self.layer_activation_bytes),
-            "region_activation_bytes": int(self.region_activation_bytes),
-            "per_layer_bytes": dict(self.per_layer_bytes),
-        }
-
 
 def _node_saved_tensors(node) -> list[torch.Tensor]:
     """The tensors an autograd node holds for backward (built-in ``_saved_*`` fields and a custom

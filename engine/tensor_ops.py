@@ -37,11 +37,6 @@ def unfold(x: Tensor, mode: int) -> Tensor:
     return x.movedim(mode, 0).reshape(x.shape[mode], -1)
 
 
-def fold(matrix: Tensor, mode: int, shape: tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`unfold`: ``(D_m, Π_{j≠m} D_j)`` back to ``shape``."""
-    moved = [shape[mode]] + [d for j, d in enumerate(shape) if j != mode]
-    return matrix.reshape(moved).movedim(0, mode)
-
 
 def mode_gram(x: Tensor, mode: int) -> Tensor:
     """``x_(m) x_(m)ᵀ``: ``(D_m, D_m)``. Cost 2·numel·D_m FLOPs."""
@@ -80,12 +75,6 @@ def mode_expand(x: Tensor, factor: Tensor, mode: int) -> Tensor:
     """Lift mode ``mode`` from ``r`` back to ``D_m``: x ``(…, r, …)``, factor ``(D_m, r)`` → ``(…, D_m, …)``."""
     return mode_product(x, factor.T, mode)
 
-
-def multi_mode_product(x: Tensor, factors: dict[int, Tensor], order: list[int] | None = None) -> Tensor:
-    """Project several modes in turn (``order`` defaults to ascending mode index)."""
-    for mode in order if order is not None else sorted(factors):
-        x = mode_product(x, factors[mode], mode)
-    return x
 
 
 def orth(matrix: Tensor) -> Tensor:

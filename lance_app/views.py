@@ -6,7 +6,7 @@ import time
 import streamlit as st
 
 from lance_app.catalog import Unavailable
-from lance_app.live import TERMINAL, JobView, readable_failure
+from lance_app.live import JobView, readable_failure
 from lance_app.state import attach_job, job_runner, open_store
 
 
@@ -98,5 +98,3 @@ def stop_button(kind: str, job_id: str, alive: bool) -> None:
         time.sleep(0.3)
 
 
-def is_terminal(status: str | None) -> bool:
-    return status in TERMINAL

@@ -127,9 +127,6 @@ def prepare_model(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _cl_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, (CLConv2d, CLLinear))}
-
 
 def _inputs(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
