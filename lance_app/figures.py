@@ -64,6 +64,52 @@ def metric_figure(df: pd.DataFrame, key: str, split: str | None = None, x: str =
     return fig
 
 
+MEMORY_KEYS = (("layer_activation_bytes", "layer", "solid"),
+               ("region_activation_bytes", "region", "dash"),
+               ("peak_memory_bytes", "step peak", "dot"))
+CONTINUAL_MEMORY_KEYS = (("peak_layer_activation_bytes", "layer", "solid"),
+                         ("peak_region_activation_bytes", "region", "dash"),
+                         ("peak_memory_bytes", "step peak", "dot"))
+
+
+def memory_figure(df: pd.DataFrame, split: str = "train", x: str = "step",
+                  keys: Sequence[tuple[str, str, str]] = MEMORY_KEYS,
+                  title: str = "measured memory: layer bytes, region bytes, step peak") -> go.Figure:
+    """Measured memory per run on one log axis: one colour per ``label``, one dash per quantity.
+
+    ``keys``: (metric key, legend word, dash) triples; the default is a fine-tune run's per-step rows
+    (saved bytes of the compressed layers, of the whole trained region, and the step's allocator peak).
+    Trace names are ``"<label> · <word>"``; rows without ``x`` or value are dropped.
+    """
+    fig = _figure(title, x, "bytes")
+    fig.update_yaxes(type="log")
+    if df is None or df.empty:
+        return fig
+    sel = df[df["split"] == split] if split is not None else df
+    sel = sel.dropna(subset=[x, "value"])
+    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+    for i, label in enumerate(dict.fromkeys(sel["label"].tolist())):
+        colour = palette[i % len(palette)]
+        for key, word, dash in keys:
+            part = sel[(sel["label"] == label) & (sel["key"] == key)]
+            part = part.drop_duplicates(subset=[x], keep="first").sort_values(x)
+            if part.empty:
+                continue
+            fig.add_trace(go.Scatter(x=part[x].tolist(), y=part["value"].tolist(), name=f"{label} · {word}",
+                                     mode="lines+markers" if len(part) < 30 else "lines",
+                                     line=dict(color=colour, dash=dash)))
+    return fig
+
+
+def run_peaks(df: pd.DataFrame | None) -> dict[str, float | None]:
+    """A continual run's peaks over its tasks so far: {"layer", "region", "step peak"} -> max bytes or None."""
+    out: dict[str, float | None] = {}
+    for key, word, _ in CONTINUAL_MEMORY_KEYS:
+        values = [] if df is None or df.empty else df[(df["key"] == key) & (df["split"] == "task")]["value"].dropna()
+        out[word] = float(max(values)) if len(values) else None
+    return out
+
+
 def prefixed_metric_figure(df: pd.DataFrame, prefix: str, split: str | None = None, x: str = "step",
                            title: str | None = None, y_title: str | None = None,
                            log_y: bool = False) -> go.Figure:

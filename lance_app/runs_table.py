@@ -10,7 +10,8 @@ import pandas as pd
 from lance_app.figures import run_label
 
 SUMMARY_COLUMNS = ["val_acc", "acc", "bwt", "layer_activation_bytes", "region_activation_bytes",
-                   "analytic_activation_bytes", "step_ms", "flops"]
+                   "peak_memory_bytes", "plan_total_bytes", "peak_layer_activation_bytes",
+                   "peak_region_activation_bytes", "analytic_activation_bytes", "step_ms", "flops"]
 
 
 def _when(value) -> str | None:

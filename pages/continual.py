@@ -115,12 +115,13 @@ def live_view() -> None:
             c1.plotly_chart(figures.accuracy_matrix_figure(figures.accuracy_matrix(df)),
                             key=f"cl_matrix_{run['id']}")
             c2.plotly_chart(figures.usage_figure(df), key=f"cl_usage_{run['id']}")
-            # the run's peak: the maximum over every task so far (not the last task's own peak)
-            peaks = [] if df is None or df.empty else df[(df["key"] == "peak_layer_activation_bytes")
-                                                         & (df["split"] == "task")]["value"].dropna()
-            peak = float(max(peaks)) if len(peaks) else None
-            st.caption("peak measured layer activation bytes (maximum over the tasks so far): "
-                       + ("–" if peak is None else figures.format_bytes(peak)))
+            # the run's peaks: the maximum over every task so far (not the last task's own peak)
+            st.caption("measured peaks, maximum over the tasks so far: " + " · ".join(
+                f"{word} {figures.format_bytes(peak) if peak is not None else '–'}"
+                for word, peak in figures.run_peaks(df).items()))
+            st.plotly_chart(figures.memory_figure(df, split="task", x="task", keys=figures.CONTINUAL_MEMORY_KEYS,
+                                                  title="measured memory per task: layer, region, step peak"),
+                            key=f"cl_memory_{run['id']}")
     if alive and not now_alive:
         st.rerun()
 

@@ -95,9 +95,7 @@ def build_figures(df) -> list[tuple[str, object]]:
     return [
         ("ft_loss", figures.metric_figure(df, "loss", split="train", title="training loss")),
         ("ft_acc", acc),
-        ("ft_bytes", figures.metric_figure(df, "layer_activation_bytes", split="train",
-                                           title="measured activation bytes (fine-tuned layers)",
-                                           y_title="bytes", log_y=True)),
+        ("ft_bytes", figures.memory_figure(df)),
         ("ft_step", figures.metric_figure(df, "step_ms", split="train", title="step time", y_title="ms",
                                           log_y=True)),
         ("ft_ranks", figures.prefixed_metric_figure(df, "rank/", split="train", title="ranks in use",

@@ -73,6 +73,15 @@ if keys:
 else:
     st.info("The selected runs have no metric rows yet.")
 
+if not df.empty:  # measured memory of the selected runs: per step (fine-tune) and per task (continual)
+    m1, m2 = st.columns(2)
+    if ((df["split"] == "train") & df["key"].isin([k for k, _, _ in figures.MEMORY_KEYS])).any():
+        m1.plotly_chart(figures.memory_figure(df), key="runs_memory_steps")
+    if ((df["split"] == "task") & df["key"].isin([k for k, _, _ in figures.CONTINUAL_MEMORY_KEYS])).any():
+        m2.plotly_chart(figures.memory_figure(df, split="task", x="task", keys=figures.CONTINUAL_MEMORY_KEYS,
+                                              title="measured memory per task: layer, region, step peak"),
+                        key="runs_memory_tasks")
+
 st.subheader("Configuration side by side")
 st.dataframe(config_side_by_side([r for r in runs if r["id"] in selected], labels), key="runs_config")
 

@@ -104,3 +104,24 @@ def test_runs_table_config_and_export():
     assert csv_bytes.decode().splitlines()[0].startswith("label,run_id,id,step")
     payload = json.loads(json_bytes)
     assert [m["value"] for m in payload["runs"][0]["metrics"]] == [1.0, 0.5]
+
+
+def test_memory_figure_layer_region_and_peak_per_run_one_colour_each():
+    import pandas as pd
+    a = figures.metrics_frame(_rows([100.0, 100.0], key="layer_activation_bytes")
+                              + _rows([900.0, 800.0], key="region_activation_bytes", start_id=10)
+                              + _rows([5e4, 6e4], key="peak_memory_bytes", start_id=20), label="asi #a", run_id="a")
+    b = figures.metrics_frame(_rows([4e3], key="layer_activation_bytes"), label="vanilla #b", run_id="b")
+    fig = figures.memory_figure(pd.concat([a, b]))
+    assert [t.name for t in fig.data] == ["asi #a · layer", "asi #a · region", "asi #a · step peak",
+                                          "vanilla #b · layer"]
+    assert [list(t.y) for t in fig.data] == [[100.0, 100.0], [900.0, 800.0], [5e4, 6e4], [4e3]]
+    assert len({t.line.color for t in fig.data[:3]}) == 1 and fig.data[3].line.color != fig.data[0].line.color
+    assert [t.line.dash for t in fig.data[:3]] == ["solid", "dash", "dot"]
+    assert fig.layout.yaxis.type == "log"
+    tasks = figures.metrics_frame([{"id": i, "step": None, "epoch": None, "split": "task", "task": i,
+                                    "key": "peak_layer_activation_bytes", "value": v}
+                                   for i, v in enumerate([7.0, 3.0])], label="lance #c", run_id="c")
+    assert figures.run_peaks(tasks) == {"layer": 7.0, "region": None, "step peak": None}
+    cl = figures.memory_figure(tasks, split="task", x="task", keys=figures.CONTINUAL_MEMORY_KEYS)
+    assert [list(t.x) for t in cl.data] == [[0, 1]] and [list(t.y) for t in cl.data] == [[7.0, 3.0]]

@@ -240,16 +240,23 @@ def test_continual_page_draws_matrix_tiles_and_usage():
                  {"split": "task", "task": i, "key": "forgetting", "value": 0.0 if i == 0 else 5.0},
                  # the per-task peak falls as tasks finish: the run's peak is the first task's
                  {"split": "task", "task": i, "key": "peak_layer_activation_bytes",
-                  "value": 62_669.0 if i == 0 else 47_309.0}]
+                  "value": 62_669.0 if i == 0 else 47_309.0},
+                 {"split": "task", "task": i, "key": "peak_region_activation_bytes",
+                  "value": 2_048.0 if i == 0 else 3_072.0},
+                 {"split": "task", "task": i, "key": "peak_memory_bytes", "value": 1_048_576.0}]
     store.log_metrics(run, rows)
     at = _page("continual")
     at.query_params["job"] = "cl-job"
     at.run()
     no_exception(at)
     assert [m.value for m in at.metric] == ["91.50", "-5.00", "5.00"]
-    peak = [c.value for c in at.caption if "peak measured" in c.value]
-    assert len(peak) == 1 and peak[0].endswith("61.2 KiB"), peak
+    peak = [c.value for c in at.caption if "measured peaks" in c.value]
+    assert len(peak) == 1 and peak[0].endswith("layer 61.2 KiB · region 3.0 KiB · step peak 1.0 MiB"), peak
     figs = charts(at)
+    memory = {t["name"].split(" · ")[-1]: t["y"]
+              for t in figs["measured memory per task: layer, region, step peak"]["data"]}
+    assert memory == {"layer": [62_669.0, 47_309.0], "region": [2_048.0, 3_072.0],
+                      "step peak": [1_048_576.0, 1_048_576.0]}, memory
     z = figs["accuracy matrix R[i, j] (%)"]["data"][0]["z"]
     assert z == [[95.0, None], [90.0, 93.0]]
     usage = figs["subspace usage per layer"]["data"][0]
