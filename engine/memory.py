@@ -272,6 +272,16 @@ def _cpu_peak(profiler) -> int:
     return int(peak)
 
 
+PEAK_EVERY_STEPS = 10  # CPU: the profiler that measures the peak costs up to ~15 % of a step, so it samples
+
+
+def peak_due(step_index: int, device: torch.device | str) -> bool:
+    """Whether training step ``step_index`` (0-based) measures its peak memory: every step on CUDA (the
+    allocator's counter is free), else step 0 and every ``PEAK_EVERY_STEPS``-th step (``torch.profiler``'s
+    memory events cost up to ~15 % of a CPU step: ``python3 docs/bench/peak_overhead.py``)."""
+    return torch.device(device).type == "cuda" or step_index % PEAK_EVERY_STEPS == 0
+
+
 class StepMeter(SavedBytesMeter):
     """:class:`SavedBytesMeter` plus :class:`PeakMemoryMeter` around one training step.
 

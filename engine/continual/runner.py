@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from engine.memory import StepMeter
+from engine.memory import StepMeter, peak_due
 from engine.packing import pack_region
 from engine.train.faults import TrainingDiverged
 
@@ -56,9 +56,24 @@ class TaskRecord:
         return dict(self.__dict__)
 
 
-def default_meter_factory(model: nn.Module):
-    """``engine.memory.StepMeter(model)``: measured bytes autograd saves for backward and the step's
-    measured peak memory (``peak_memory_bytes``)."""
+class SampledStepMeters:
+    """Meter factory: ``StepMeter(model)`` per step (measured saved bytes), measuring the step's peak
+    memory (``peak_memory_bytes``) on the calls :func:`engine.memory.peak_due` picks (counted per factory)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model: nn.Module) -> StepMeter:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        meter = StepMeter(model, measure_peak=peak_due(self.calls, device))
+        self.calls += 1
+        return meter
+
+
+def default_meter_factory(model: nn.Module) -> StepMeter:
+    """A fresh :class:`SampledStepMeters` per run is what :func:`run_sequence` uses by default; this one
+    measures the peak on every call (tests, single steps)."""
     return StepMeter(model)
 
 

@@ -22,7 +22,7 @@ from engine.train.checkpoint import CheckpointRefused, load_tensors_only
 from engine.train.faults import explain_failure
 
 from .learner import ContinualConfig, ContinualLearner
-from .runner import TaskRecord, peak_over, run_sequence, task_rows
+from .runner import SampledStepMeters, TaskRecord, peak_over, run_sequence, task_rows
 
 CHECKPOINT_VERSION = 2  # 2: tensors and plain data only (weights_only=True)
 CHECKPOINT_FORMAT = "lance-continual"
@@ -132,6 +132,7 @@ def _print_task(method: str, record: TaskRecord, stream) -> None:
 
 def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, learner: ContinualLearner,
              start_task: int, records: list[TaskRecord], stream, meter_factory) -> dict:
+    meter_factory = SampledStepMeters() if meter_factory is None else meter_factory  # peak sampled per run
     config = learner.config
     acc_matrix = [r.acc for r in records]
     checkpoint = store.checkpoint_path(run_id)
@@ -173,11 +174,12 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
 
 
 def default_meter(model):
+    """A meter measuring the peak on every step; runs use a fresh :class:`SampledStepMeters` instead."""
     return StepMeter(model)
 
 
 def run_method(store, spec: SequenceSpec, method: str, tasks: list | None = None, job_id: str | None = None,
-               stream=sys.stdout, meter_factory: Callable = default_meter) -> dict:
+               stream=sys.stdout, meter_factory: Callable | None = None) -> dict:
     """Create a run for ``method`` and train the whole sequence; returns its JSON summary."""
     tasks = load_tasks(spec) if tasks is None else tasks
     config = spec.config_for(method)
@@ -192,7 +194,7 @@ def run_method(store, spec: SequenceSpec, method: str, tasks: list | None = None
     return _execute(store, run_id, spec, method, tasks, learner, 0, [], stream, meter_factory)
 
 
-def resume_method(store, run_ref: str, stream=sys.stdout, meter_factory: Callable = default_meter) -> dict:
+def resume_method(store, run_ref: str, stream=sys.stdout, meter_factory: Callable | None = None) -> dict:
     """Continue a stored continual run at the task after its last checkpoint."""
     run = store.find_run(run_ref)
     if run["kind"] != "continual":

@@ -26,7 +26,7 @@ from torch import nn
 import engine
 from engine.data import get_dataset
 from engine.data import num_classes as dataset_classes
-from engine.memory import StepMeter
+from engine.memory import StepMeter, peak_due
 from engine.models import WeightsMissing, backbone_spec, build_backbone, split_at_stage, stage_of_layer
 from engine.store import RunStore
 from engine.surgery import compressible_layers
@@ -279,9 +279,11 @@ class EngineProbe:
         self._steps = steps_done  # a resumed run listed its saved tensors at its own step 1
 
     def measure(self):
-        """Saved bytes and the step's measured peak memory; the first step also lists saved tensors by op."""
+        """Saved bytes every step; the measured peak memory on the steps :func:`engine.memory.peak_due` picks;
+        the first step also lists saved tensors by op."""
         self._steps += 1
-        return self._meter_cls(self.wrapper, self.device, record_ops=self._steps == 1)
+        return self._meter_cls(self.wrapper, self.device, record_ops=self._steps == 1,
+                               measure_peak=peak_due(self._steps - 1, self.device))
 
     def metrics(self, meter) -> dict[str, float]:
         out = {"layer_activation_bytes": float(meter.layer_activation_bytes),
