@@ -334,8 +334,8 @@ def test_packing_is_exact_in_a_run_and_the_probe_measures_peak_memory():
 
 
 def test_cli_no_pack_flag_reaches_the_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LANCE_HOME", str(tmp_path))
-    out = tmp_path / "r.json"
+    monkeypatch.setenv("LANCE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.json"  # outside the store: --json refuses paths inside it
     code = main(["finetune", "--backbone", "small-cnn", "--dataset", "digits", "--layers", "2", "--epochs", "1",
                  "--batch-size", "32", "--limit-train", "64", "--limit-val", "32", "--no-pack", "--quiet",
                  "--json", str(out)])
