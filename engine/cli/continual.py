@@ -11,6 +11,7 @@ from engine.continual import METHODS
 from engine.continual.learner import ContinualConfig
 from engine.continual.session import ContinualRunFailed, SequenceSpec, load_tasks, resume_method, run_method
 from engine.data.errors import DatasetMissing
+from engine.phases import cli_phase_callback, report, reporting
 from engine.store import RunStore, StoreError
 
 BENCHMARKS = ("split-cifar10", "split-cifar100", "split-digits", "5-datasets")
@@ -143,6 +144,18 @@ def run(args) -> int:
     try:
         check_json_target(args.json)
         store = RunStore()
+    except (ValueError, StoreError) as exc:
+        return _fail(str(exc))
+    on_phase = cli_phase_callback(store, args.job_id, quiet=args.quiet)
+    with reporting(on_phase):
+        try:
+            return _run(args, store, stream)
+        finally:
+            report("done", on_phase=on_phase)
+
+
+def _run(args, store, stream) -> int:
+    try:
         failures = []
         if args.resume:
             summaries = [resume_method(store, args.resume, stream=stream)]

@@ -8,6 +8,7 @@ from engine.cli._output import write_json as _write_json
 from engine.cli.validate import check_json_target, check_not_empty
 from engine.data.decode import SKIP_BAD_IMAGES_ENV
 from engine.data.errors import BadImage, DatasetMissing
+from engine.phases import cli_phase_callback, report, reporting
 from engine.store import RunStore, StoreDamaged, StoreError, StoreReadOnly, StoreUnavailable
 from engine.train.config import (
     BUDGET_METHODS,
@@ -174,9 +175,11 @@ def run(args) -> int:
             print(line, file=sys.stderr, flush=True)
 
     results = []
+    on_phase = cli_phase_callback(store, args.job_id, quiet=args.quiet)
     try:
-        results = run_finetune(config, store=store, sinks=[ProgressSink(disable=True if args.quiet else None)],
-                               job_id=args.job_id, log=log, resume_run=resume_id)
+        with reporting(on_phase):
+            results = run_finetune(config, store=store, sinks=[ProgressSink(disable=True if args.quiet else None)],
+                                   job_id=args.job_id, log=log, resume_run=resume_id)
     except (ConfigError, DatasetMissing, BadImage) as exc:
         code = _fail("finetune", str(exc))
         if args.json:
@@ -185,6 +188,7 @@ def run(args) -> int:
     except StoreError as exc:  # the store could not be written (disk full, read-only): a failure, exit 1
         return _fail("finetune", str(exc), code=1)
     finally:
+        report("done", on_phase=on_phase)
         if args.json and results:
             _write_json(args.json, summary_for_json(results))
     if results:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.phases import PhaseCallback, report
+
 from .arrays import ImageArrays
 from .errors import BadImage
 from .paths import cache_dir
@@ -81,13 +83,23 @@ def image_sizes_uniform(paths: list[Path], sample: int = 64) -> tuple[int, int] 
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def decode_files(paths: list[Path], store_size: int | None = None, workers: int | None = None) -> torch.Tensor:
-    """Decode images to (N, 3, H, W) uint8. Without ``store_size`` all images must share one size."""
+def decode_files(paths: list[Path], store_size: int | None = None, workers: int | None = None,
+                 on_phase: PhaseCallback | None = None) -> torch.Tensor:
+    """Decode images to (N, 3, H, W) uint8. Without ``store_size`` all images must share one size.
+
+    Reports ``("decoding", done, N)`` to ``on_phase`` (default: the installed ``engine.phases`` callback).
+    """
     if not paths:
         return torch.zeros((0, 3, store_size or 1, store_size or 1), dtype=torch.uint8)
     workers = workers or min(4, os.cpu_count() or 1)
+    total = len(paths)
+    arrays = []
+    report("decoding", 0, total, on_phase)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        arrays = list(pool.map(lambda p: _decode_one(p, store_size), paths, chunksize=256))
+        for array in pool.map(lambda p: _decode_one(p, store_size), paths, chunksize=256):
+            arrays.append(array)
+            if len(arrays) % 64 == 0 or len(arrays) == total:
+                report("decoding", len(arrays), total, on_phase)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"images of different sizes {sorted(shapes)[:4]}…; decode them with a store_size")

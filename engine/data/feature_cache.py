@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from engine.models.stages import first_trainable_stage, split_at_stage  # noqa: F401  (re-exported)
+from engine.phases import PhaseCallback, report
 
 from .paths import cache_dir
 
@@ -130,28 +131,33 @@ def _batches(dataset, batch_size: int):
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
-def _run_prefix(prefix: nn.Module, dataset, batch_size: int, device, sink) -> None:
+def _run_prefix(prefix: nn.Module, dataset, batch_size: int, device, sink,
+                on_phase: PhaseCallback | None = None) -> None:
     was_training = prefix.training
     prefix.eval()
+    total = len(dataset)
     try:
         with torch.no_grad():
             start = 0
+            report("caching", 0, total, on_phase)
             for x, y in _batches(dataset, batch_size):
                 out = prefix(x.to(device)).float().cpu()
                 sink(start, out, torch.as_tensor(y))
                 start += len(out)
+                report("caching", start, total, on_phase)
     finally:
         prefix.train(was_training)
 
 
 def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256,
-                    in_memory_max_bytes: int = 256 * 2**20, device="cpu", use_disk: bool | None = None
-                    ) -> FeatureDataset:
+                    in_memory_max_bytes: int = 256 * 2**20, device="cpu", use_disk: bool | None = None,
+                    on_phase: PhaseCallback | None = None) -> FeatureDataset:
     """Features ``prefix(x)`` for every item of ``dataset`` (in order), computed once per key.
 
     ``prefix`` runs in eval mode under no_grad. ``dataset`` must not augment (else the features
     would differ each epoch): a dataset with ``augment=True`` is an error.
     use_disk None: disk when the features exceed ``in_memory_max_bytes``; True/False forces it.
+    Reports ``("caching", images done, N)`` to ``on_phase`` while it computes (nothing on a cache hit).
     """
     if getattr(dataset, "augment", False):
         raise ValueError("the feature cache needs a dataset without augmentation (augment=False): "
@@ -185,7 +191,7 @@ def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256
             feats[start:start + len(out)] = out
             labels[start:start + len(out)] = y
 
-        _run_prefix(prefix, dataset, batch_size, device, sink)
+        _run_prefix(prefix, dataset, batch_size, device, sink, on_phase)
         return FeatureDataset(feats, labels)
     tmp = folder / f"{digest}.tmp{os.getpid()}.npy"
     writer = {"array": np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + shape)}
@@ -194,7 +200,7 @@ def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256
         writer["array"][start:start + len(out)] = out.numpy()
         labels[start:start + len(out)] = y
 
-    _run_prefix(prefix, dataset, batch_size, device, sink)
+    _run_prefix(prefix, dataset, batch_size, device, sink, on_phase)
     writer.pop("array").flush()  # and close the write mapping
     np.save(labels_path, labels.numpy())
     meta_path.write_text(json.dumps({**full_key, "shape": [n, *shape], "bytes": total_bytes}, default=str, indent=1))

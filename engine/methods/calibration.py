@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from engine.phases import PhaseCallback, report
 from engine.spectra import GramAccumulator
 
 Tensor = torch.Tensor
@@ -25,11 +26,13 @@ def _first(batch):
 
 @torch.no_grad()
 def calibrate_layers(model: nn.Module, layer_names: list[str], loader: Iterable, batches: int | None = None,
-                     forward=None) -> dict[str, GramAccumulator]:
+                     forward=None, on_phase: PhaseCallback | None = None) -> dict[str, GramAccumulator]:
     """Run up to ``batches`` batches of ``loader`` through ``model`` (eval mode, no grad) and collect
     :class:`engine.spectra.GramAccumulator` of the inputs of ``layer_names``. ``forward(model, batch)``
     overrides the call
     (default: ``model(x)`` with ``x`` the batch or its first element, moved to the model's device).
+    Reports ``("calibrating", batches done, batches)`` to ``on_phase`` (default: the installed one;
+    total None when neither ``batches`` nor ``len(loader)`` says it).
     """
     modules = dict(model.named_modules())
     missing = [n for n in layer_names if n not in modules]
@@ -45,6 +48,10 @@ def calibrate_layers(model: nn.Module, layer_names: list[str], loader: Iterable,
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         seen = 0
+        total = batches if batches is not None else (len(loader) if hasattr(loader, "__len__") else None)
+        if total is not None and hasattr(loader, "__len__"):
+            total = min(total, len(loader))
+        report("calibrating", 0, total, on_phase)
         for batch in loader:
             if batches is not None and seen >= batches:
                 break
@@ -53,6 +60,7 @@ def calibrate_layers(model: nn.Module, layer_names: list[str], loader: Iterable,
             else:
                 model(_first(batch).to(device))
             seen += 1
+            report("calibrating", seen, total, on_phase)
         if seen == 0:
             raise ValueError("calibration loader yielded no batches")
     finally:

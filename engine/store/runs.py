@@ -2,7 +2,7 @@
 
 Layout under the root (``$LANCE_HOME`` or the user data dir)::
 
-    runs.sqlite                  tables ``runs`` and ``metrics`` (long format)
+    runs.sqlite                  tables ``runs`` and ``metrics`` (long format), ``job_phases`` (what a job does now)
     runs/<run_id>/run.json       the run's record (kind, method, status, message, times, pid, job id)
     runs/<run_id>/config.json    frozen config (seed, package versions, git commit, device, ...)
     runs/<run_id>/summary.json   final figures, written by ``set_summary``
@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.phases import check_phase
 from engine.store import files
 from engine.store.ids import BadRunId, check_prefix, is_run_id, run_folder
 from engine.store.paths import default_root
@@ -79,6 +80,13 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, id);
 CREATE INDEX IF NOT EXISTS metrics_run_key ON metrics(run_id, key);
+CREATE TABLE IF NOT EXISTS job_phases (
+    job_id      TEXT PRIMARY KEY,
+    phase       TEXT NOT NULL,
+    done        INTEGER,
+    total       INTEGER,
+    updated_at  REAL NOT NULL
+);
 """
 
 _BUSY_TIMEOUT_S = 60.0
@@ -444,6 +452,36 @@ class RunStore:
         if cur.rowcount == 0:
             raise RunNotFound(f"no run {run_id!r} in {self.db_path}")
         self._write_record(run_id)
+
+    def set_phase(self, job_id: str, phase: str, done: int | None = None, total: int | None = None) -> None:
+        """Record what job ``job_id`` is doing now (one row per job, replaced on every call).
+
+        ``phase``: one of ``engine.phases.PHASES``; ``done``/``total``: progress within it (None: unknown).
+        """
+        check_phase(phase)
+        if not job_id:
+            raise StoreError("set_phase needs a job id (the --job-id the job was started with)")
+        done = None if done is None else int(done)
+        total = None if total is None else int(total)
+        if done is not None and (done < 0 or (total is not None and done > total)):
+            raise StoreError(f"phase {phase!r}: done {done} is outside 0..{total}")
+        self._write(lambda c: c.execute(
+            "INSERT INTO job_phases (job_id, phase, done, total, updated_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(job_id) DO UPDATE SET phase=excluded.phase, done=excluded.done,"
+            " total=excluded.total, updated_at=excluded.updated_at",
+            (str(job_id), phase, done, total, time.time())))
+
+    def phase(self, job_id: str) -> dict | None:
+        """``{"phase", "done", "total", "updated_at"}`` of job ``job_id``, or None when it reported none
+        (also for a store made before phases existed and opened read-only)."""
+        try:
+            rows = self._connect().execute(
+                "SELECT phase, done, total, updated_at FROM job_phases WHERE job_id=?", (str(job_id),)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise StoreError(f"cannot read the run store {self.db_path}: {exc}") from exc
+        return dict(rows[0]) if rows else None
 
     def set_summary(self, run_id: str, summary: dict) -> None:
         """Store the run's summary (also written to ``summary.json`` in the run folder)."""

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from engine.data.feature_cache import cached_features
+from engine.phases import PhaseCallback
 
 CALIBRATION_EPOCH = -1
 DISK_CACHE_FROM_BYTES = 16 * 2**20
@@ -109,10 +110,13 @@ def compute_features(prefix: nn.Module, dataset: Dataset, batch_size: int = 256,
     return TensorPairs(torch.cat(xs), torch.cat(ys))
 
 
-def frozen_features(prefix: nn.Module, dataset: Dataset, key: dict, device: str = "cpu"):
+def frozen_features(prefix: nn.Module, dataset: Dataset, key: dict, device: str = "cpu",
+                    on_phase: PhaseCallback | None = None):
     """``prefix``'s outputs for ``dataset``: through the engine's feature cache (memory, or a reusable
-    file under $LANCE_HOME/cache/features when large) where available; returns ``(features dataset, seconds)``."""
+    file under $LANCE_HOME/cache/features when large) where available; returns ``(features dataset, seconds)``.
+    Reports ``("caching", images done, N)`` to ``on_phase`` (default: the installed ``engine.phases`` one)."""
     start = time.perf_counter()
     # beyond a few MB the features go to a reusable file (a rerun of the same setup skips the prefix)
-    return (cached_features(prefix, dataset, key, device=device, in_memory_max_bytes=DISK_CACHE_FROM_BYTES),
+    return (cached_features(prefix, dataset, key, device=device, in_memory_max_bytes=DISK_CACHE_FROM_BYTES,
+                            on_phase=on_phase),
             time.perf_counter() - start)

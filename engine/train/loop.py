@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.phases import report
 from engine.train.events import EpochEnded, RunStarted, StepEnded, emit_all
 from engine.train.faults import TrainingDiverged
 
@@ -100,6 +101,8 @@ def fit(
         grad_clip: max global gradient norm (None or 0: no clipping).
         train_mode: puts the model in training mode (e.g. BN kept in eval); default ``model.train()``.
         on_epoch_end: called after each epoch's events (checkpointing).
+    Reports ``("training", global step, total steps)`` after every step and ``("evaluating", epoch
+    + 1, epochs)`` before each validation to the installed ``engine.phases`` callback.
     Raises:
         TrainingDiverged: the loss became NaN/Inf (the step's rows are not emitted).
         KeyboardInterrupt: passes through untouched; the steps emitted so far stay emitted.
@@ -107,6 +110,8 @@ def fit(
     probe = probe or NullProbe()
     state = state or LoopState()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    total_steps = epochs * steps_per_epoch
+    report("training", state.step, max(total_steps, state.step))
     emit_all(sinks, RunStarted(method=method, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                start_epoch=state.epoch, start_step=state.step, config=config or {}))
     for epoch in range(state.epoch, epochs):
@@ -140,12 +145,14 @@ def fit(
             metrics = {"loss": loss_value, "acc": 100.0 * batch_correct / y.numel(), "step_ms": step_ms, "lr": lr}
             metrics.update(probe.metrics(measurement))
             emit_all(sinks, StepEnded(step=state.step, epoch=epoch, metrics=metrics))
+            report("training", state.step, max(total_steps, state.step))
         if scheduler is not None:
             scheduler.step()
         epoch_ms = (time.perf_counter() - epoch_start) * 1000.0
         split_metrics = {"train": {"loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1),
                                    "epoch_ms": epoch_ms}}
         if val_batches is not None:
+            report("evaluating", epoch + 1, epochs)
             val = evaluate(model, val_batches(), device)
             split_metrics["val"] = {"loss": val["loss"], "acc": val["acc"]}
         state.epoch = epoch + 1
