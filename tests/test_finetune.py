@@ -132,8 +132,12 @@ def test_metric_rows_summary_config_and_checkpoint(tmp_path):
         assert {"loss", "acc", "layer_activation_bytes", "region_activation_bytes",
                 "analytic_activation_bytes", "step_ms", "flops", "lr", "epoch_ms"} <= keys
         losses = store.metrics(r.run_id, key="loss", split="train")
-        # per-step rows, and after each epoch's last step the epoch's mean train loss at that step
-        assert [row["step"] for row in losses] == [1, 2, 3, 3, 4, 5, 6, 6]
+        assert [row["step"] for row in losses] == [1, 2, 3, 4, 5, 6]  # per-step rows
+        epochs = store.metrics(r.run_id, split="train_epoch")  # the epoch's mean train loss/acc at its last step
+        assert [(row["step"], row["key"]) for row in epochs] == [(3, "loss"), (3, "acc"), (3, "epoch_ms"),
+                                                                  (6, "loss"), (6, "acc"), (6, "epoch_ms")]
+        assert r.summary["loss"] == epochs[3]["value"] and r.summary["train_acc"] == epochs[4]["value"]
+        assert r.summary["epochs_done"] == 2 and r.summary["steps"] == 6
         val = store.metrics(r.run_id, key="acc", split="val")
         assert [row["epoch"] for row in val] == [0, 1]
         assert r.summary["val_acc"] == pytest.approx(val[-1]["value"])

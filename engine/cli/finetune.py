@@ -23,8 +23,10 @@ from engine.train.config import (
     validate,
 )
 from engine.train.evaluate import evaluate_run
-from engine.train.session import resume_config, run_finetune, summary_for_json
+from engine.train.resume import resume_config
+from engine.train.session import run_finetune
 from engine.train.sinks import ProgressSink, _fmt_bytes
+from engine.train.summary import summary_for_json
 
 METHODS_HELP = "vanilla, gradient_filter, hosvd, asi, lance (comma-separated: run one after another)"
 

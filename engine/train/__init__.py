@@ -9,8 +9,9 @@ from engine.train.config import METHODS, ConfigError, FinetuneConfig, validate
 from engine.train.events import EpochEnded, RunEnded, RunStarted, StepEnded
 from engine.train.faults import RunInterrupted, TrainingDiverged
 from engine.train.loop import LoopState, evaluate, fit
-from engine.train.session import RunResult, run_finetune, summarize
+from engine.train.session import run_finetune
 from engine.train.sinks import ProgressSink, RecordingSink, StoreSink
+from engine.train.summary import RunResult, summarize
 
 __all__ = [
     "METHODS", "ConfigError", "FinetuneConfig", "validate", "EpochEnded", "RunEnded", "RunStarted", "StepEnded",

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+STEP_SPLIT = "train"                                   # the split of per-step rows in the run store
+EPOCH_SPLITS = {"train": "train_epoch", "val": "val"}  # EpochEnded.metrics key -> the split of its rows
+
 
 @dataclass
 class RunStarted:
@@ -34,7 +37,7 @@ class StepEnded:
 class EpochEnded:
     epoch: int
     step: int                   # global step at the end of the epoch
-    metrics: dict[str, dict[str, float]]  # split ("train" / "val") -> {acc, loss, epoch_ms}
+    metrics: dict[str, dict[str, float]]  # "train" / "val" -> {acc, loss, epoch_ms}; stored: EPOCH_SPLITS
 
 
 @dataclass

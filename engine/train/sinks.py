@@ -7,7 +7,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine.store import StoreError
-from engine.train.events import EpochEnded, Event, RunEnded, RunStarted, StepEnded
+from engine.train.events import EPOCH_SPLITS, STEP_SPLIT, EpochEnded, Event, RunEnded, RunStarted, StepEnded
 
 
 class RecordingSink:
@@ -29,6 +29,9 @@ class RecordingSink:
 class StoreSink:
     """Writes every step and epoch as long-format rows of ``run_id``; closes the run on ``RunEnded``.
 
+    Step rows have split ``"train"``; epoch rows ``"train_epoch"`` (mean train loss/acc, ``epoch_ms``) and
+    ``"val"`` (``EPOCH_SPLITS``), both with the epoch's last step number.
+
     Rows are written as they come (one transaction per event), so a killed process leaves every
     finished step in the store.
     """
@@ -40,12 +43,13 @@ class StoreSink:
     def emit(self, event: Event) -> None:
         if isinstance(event, StepEnded):
             self.store.log_metrics(self.run_id, [
-                {"step": event.step, "epoch": event.epoch, "split": "train", "key": key, "value": value}
+                {"step": event.step, "epoch": event.epoch, "split": STEP_SPLIT, "key": key, "value": value}
                 for key, value in event.metrics.items()
             ])
         elif isinstance(event, EpochEnded):
             self.store.log_metrics(self.run_id, [
-                {"step": event.step, "epoch": event.epoch, "split": split, "key": key, "value": value}
+                {"step": event.step, "epoch": event.epoch, "split": EPOCH_SPLITS.get(split, split),
+                 "key": key, "value": value}
                 for split, values in event.metrics.items()
                 for key, value in values.items()
             ])
