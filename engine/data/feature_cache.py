@@ -34,6 +34,8 @@ from engine.phases import PhaseCallback, report
 
 from .paths import cache_dir
 
+CHANNELS_LAST_ENV = "LANCE_CHANNELS_LAST"  # "0": NCHW everywhere; "1": channels_last everywhere
+
 
 class FeatureDataset(Dataset):
     """(features: tensor of shape ``feature_shape``, label: int); batch fetch via ``__getitems__``."""
@@ -132,33 +134,56 @@ def _batches(dataset, batch_size: int):
 
 
 def _run_prefix(prefix: nn.Module, dataset, batch_size: int, device, sink,
-                on_phase: PhaseCallback | None = None) -> None:
+                on_phase: PhaseCallback | None = None, channels_last: bool = False) -> None:
     was_training = prefix.training
     prefix.eval()
     total = len(dataset)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        prefix.to(memory_format=fmt)
     try:
         with torch.no_grad():
             start = 0
             report("caching", 0, total, on_phase)
             for x, y in _batches(dataset, batch_size):
-                out = prefix(x.to(device)).float().cpu()
+                x = x.to(device)
+                out = prefix(x.contiguous(memory_format=fmt) if x.dim() == 4 else x).float().cpu()
+                out = out.contiguous()  # stored NCHW whatever the format it was computed in
                 sink(start, out, torch.as_tensor(y))
                 start += len(out)
                 report("caching", start, total, on_phase)
     finally:
         prefix.train(was_training)
+        if channels_last:
+            prefix.to(memory_format=torch.contiguous_format)
+
+
+def use_channels_last(device) -> bool:
+    """The default memory format choice: channels_last on CPU, where it is faster for these nets
+    (MCUNet-in3's 7x7 depthwise backward 2-3x, docs/speed.md), NCHW elsewhere. ``LANCE_CHANNELS_LAST=0``
+    turns it off everywhere (``1`` forces it on)."""
+    env = os.environ.get(CHANNELS_LAST_ENV, "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    return torch.device(device).type == "cpu"
 
 
 def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256,
                     in_memory_max_bytes: int = 256 * 2**20, device="cpu", use_disk: bool | None = None,
-                    on_phase: PhaseCallback | None = None) -> FeatureDataset:
+                    on_phase: PhaseCallback | None = None, channels_last: bool | None = None) -> FeatureDataset:
     """Features ``prefix(x)`` for every item of ``dataset`` (in order), computed once per key.
 
     ``prefix`` runs in eval mode under no_grad. ``dataset`` must not augment (else the features
     would differ each epoch): a dataset with ``augment=True`` is an error.
     use_disk None: disk when the features exceed ``in_memory_max_bytes``; True/False forces it.
     Reports ``("caching", images done, N)`` to ``on_phase`` while it computes (nothing on a cache hit).
+    channels_last None: :func:`use_channels_last` for ``device``; the prefix runs in that memory format
+    (the features are stored NCHW either way and agree to float32 rounding).
     """
+    if channels_last is None:
+        channels_last = use_channels_last(device)
     if getattr(dataset, "augment", False):
         raise ValueError("the feature cache needs a dataset without augmentation (augment=False): "
                          "augmented inputs give different frozen-prefix outputs every epoch")
@@ -191,7 +216,7 @@ def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256
             feats[start:start + len(out)] = out
             labels[start:start + len(out)] = y
 
-        _run_prefix(prefix, dataset, batch_size, device, sink, on_phase)
+        _run_prefix(prefix, dataset, batch_size, device, sink, on_phase, channels_last)
         return FeatureDataset(feats, labels)
     tmp = folder / f"{digest}.tmp{os.getpid()}.npy"
     writer = {"array": np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + shape)}
@@ -200,7 +225,7 @@ def cached_features(prefix: nn.Module, dataset, key: dict, batch_size: int = 256
         writer["array"][start:start + len(out)] = out.numpy()
         labels[start:start + len(out)] = y
 
-    _run_prefix(prefix, dataset, batch_size, device, sink, on_phase)
+    _run_prefix(prefix, dataset, batch_size, device, sink, on_phase, channels_last)
     writer.pop("array").flush()  # and close the write mapping
     np.save(labels_path, labels.numpy())
     meta_path.write_text(json.dumps({**full_key, "shape": [n, *shape], "bytes": total_bytes}, default=str, indent=1))
