@@ -61,7 +61,7 @@ def compare_method(model: nn.Module, cut: int, layers: list[str], method: str, f
             calib = [feats[i:i + batch_size] for i in range(0, min(len(labels), 4 * batch_size), batch_size)]
             kwargs = {}
             if method == "lance":
-                kwargs = {"calibration_loader": calib, "calibration_forward": lambda _m, b: suffix(b)}
+                kwargs = {"calibration_loader": calib, "calibration_forward": lambda _m, b, s=suffix: s(b)}
             handle = compress_model(m, method, layers=layers, seed=0, **kwargs)
             suffix.to(memory_format=fmt)
             params = [p for p in m.parameters() if p.requires_grad]

@@ -82,6 +82,9 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the backbone's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data-root", default=None, help="folder holding the datasets (also LANCE_DATA_ROOT)")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="keep NCHW everywhere (default: channels_last where it measured faster on CPU: the "
+                        "frozen prefix of the feature cache and vanilla's trained layers; docs/speed.md)")
     p.add_argument("--no-pack", action="store_true",
                    help="plain autograd for the rest of the region (no lossless packing of BatchNorm, "
                         "ReLU/ReLU6 masks, pooling): the unpacked region figure")
@@ -133,6 +136,7 @@ def config_from_args(args):
         limit_train=args.limit_train, limit_val=args.limit_val, val_split=args.val_split, device=args.device,
         data_root=args.data_root, feature_cache=not args.no_feature_cache, resolution=args.resolution,
         pack=not args.no_pack,
+        channels_last=not args.no_channels_last,
     )
 
 

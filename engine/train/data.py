@@ -13,10 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from engine.data.feature_cache import cached_features
+from engine.data.feature_cache import cached_features, use_channels_last
 from engine.phases import PhaseCallback
 
 CALIBRATION_EPOCH = -1
+# methods whose trained suffix ran faster in channels_last on CPU (python3 -m engine.bench.formats, docs/speed.md):
+# vanilla 1.55x; the compressed methods' custom backward gained nothing (0.87-1.03x), so they stay NCHW
+CHANNELS_LAST_METHODS = ("vanilla",)
 DISK_CACHE_FROM_BYTES = 16 * 2**20
 
 
@@ -110,13 +113,20 @@ def compute_features(prefix: nn.Module, dataset: Dataset, batch_size: int = 256,
     return TensorPairs(torch.cat(xs), torch.cat(ys))
 
 
+def suffix_channels_last(method: str, device: str, enabled: bool = True) -> bool:
+    """Whether ``method``'s trained suffix runs channels_last: ``enabled`` (``--no-channels-last`` turns
+    it off), a method of ``CHANNELS_LAST_METHODS`` and :func:`engine.data.feature_cache.use_channels_last`."""
+    return bool(enabled) and method in CHANNELS_LAST_METHODS and use_channels_last(device)
+
+
 def frozen_features(prefix: nn.Module, dataset: Dataset, key: dict, device: str = "cpu",
-                    on_phase: PhaseCallback | None = None):
+                    on_phase: PhaseCallback | None = None, channels_last: bool | None = None):
     """``prefix``'s outputs for ``dataset``: through the engine's feature cache (memory, or a reusable
     file under $LANCE_HOME/cache/features when large) where available; returns ``(features dataset, seconds)``.
-    Reports ``("caching", images done, N)`` to ``on_phase`` (default: the installed ``engine.phases`` one)."""
+    Reports ``("caching", images done, N)`` to ``on_phase`` (default: the installed ``engine.phases`` one).
+    ``channels_last`` None: on CPU (:func:`engine.data.feature_cache.use_channels_last`)."""
     start = time.perf_counter()
     # beyond a few MB the features go to a reusable file (a rerun of the same setup skips the prefix)
     return (cached_features(prefix, dataset, key, device=device, in_memory_max_bytes=DISK_CACHE_FROM_BYTES,
-                            on_phase=on_phase),
+                            on_phase=on_phase, channels_last=channels_last),
             time.perf_counter() - start)

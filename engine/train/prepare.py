@@ -117,12 +117,13 @@ def prepare(config: FinetuneConfig, log: Callable[[str], None] = lambda s: None)
         log(f"frozen-prefix features (stages 0..{cut - 1}) of {len(train_set)} train and {len(val_set)} "
             f"{config.val_split} images: computing once (or reading the feature cache)")
         key = (config.backbone, backbone.weights, config.dataset)
+        layout = None if config.channels_last else False  # None: channels_last on CPU (engine.train.data)
         train_data, s_train = frozen_features(prefix, train_set, feature_key(
             *key, "train", resolution, cut, limit=config.limit_train, subset_seed=config.seed,
-            data_root=config.data_root), config.device)
+            data_root=config.data_root), config.device, channels_last=layout)
         val_data, s_val = frozen_features(prefix, val_set, feature_key(
             *key, config.val_split, resolution, cut, limit=config.limit_val, subset_seed=config.seed + 1,
-            data_root=config.data_root), config.device)
+            data_root=config.data_root), config.device, channels_last=layout)
         model.cpu()
         info["feature_cache_s"] = round(s_train + s_val, 3)
         input_shape = list(train_data[0][0].shape)

@@ -15,7 +15,7 @@ from torch import nn
 
 import engine
 from engine.train.config import ConfigError, FinetuneConfig
-from engine.train.data import CALIBRATION_EPOCH
+from engine.train.data import CALIBRATION_EPOCH, suffix_channels_last
 from engine.train.prepare import Workbench
 
 WRAP = "model."  # prefix of the full model's names inside SuffixModel
@@ -28,10 +28,11 @@ class SuffixModel(nn.Module):
     and ``state_dict`` holds the whole model.
     """
 
-    def __init__(self, model: nn.Module, cut: int = 0):
+    def __init__(self, model: nn.Module, cut: int = 0, memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
         self.model = model
         self.cut = int(cut)
+        self.memory_format = memory_format  # 4-D inputs are laid out so (engine.train.data.suffix_channels_last)
         self.refresh()
 
     def refresh(self) -> None:
@@ -40,6 +41,8 @@ class SuffixModel(nn.Module):
         object.__setattr__(self, "_stages", stages)  # views of self.model, not owned twice
 
     def forward(self, x):
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
         for stage in self._stages:
             x = stage(x)
         return x
@@ -115,6 +118,9 @@ def build_trainable(bench: Workbench, method: str, plans: dict | None = None) ->
     handle = engine.compress_model(wrapper, method, layers=[WRAP + n for n in bench.layer_names],
                                    options=options, pack=config.pack, **kwargs)
     wrapper.refresh()
+    if suffix_channels_last(method, config.device, config.channels_last):
+        wrapper.to(memory_format=torch.channels_last)
+        wrapper.memory_format = torch.channels_last
     params = [p for p in wrapper.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: no parameter requires grad after compression")
