@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.store.paths import default_root
+from engine.home import lance_home
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding engine/ (the repository, when editable)
 
@@ -29,7 +29,7 @@ def apply_shared_defaults(environ=os.environ) -> dict:
     changed = {}
     shared = shared_root(environ)
     if not environ.get("LANCE_DATA_ROOT") and (shared / "datasets").is_dir():
-        changed["LANCE_DATA_ROOT"] = os.pathsep.join([str(shared / "datasets"), str(default_root() / "datasets")])
+        changed["LANCE_DATA_ROOT"] = os.pathsep.join([str(shared / "datasets"), str(lance_home() / "datasets")])
     if not environ.get("LANCE_WEIGHTS_DIR") and (shared / "weights").is_dir():
         changed["LANCE_WEIGHTS_DIR"] = str(shared / "weights")
     environ.update(changed)

@@ -6,7 +6,7 @@ first chosen layer are kept in eval mode and every BatchNorm stays in eval mode 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -27,15 +27,32 @@ def compressible_layers(model: nn.Module) -> list[str]:
     ]
 
 
-def resolve_layers(model: nn.Module, layers: Iterable[str] | None = None, last_k: int | None = None) -> list[str]:
-    """Validate a choice of layers: explicit names, or the last ``k`` compressible ones."""
-    available = compressible_layers(model)
+def resolve_layers(model: nn.Module | Sequence[str], layers: Iterable[str] | int | str | None = None,
+                   last_k: int | None = None) -> list[str]:
+    """The chosen compressible layers, each once, in definition order. The one layer-choice rule.
+
+    ``model``: a model (its :func:`compressible_layers`) or those names already listed. Choose by
+    ``layers``: names (each checked), ``"all"``, or a count ``K`` (an int or its digits: the last ``K``,
+    ``0 <= K <= n``); or by ``last_k=K``. Exactly one of ``layers`` / ``last_k``. ValueError says what is
+    wrong and what there is.
+    """
+    available = compressible_layers(model) if isinstance(model, nn.Module) else list(model)
     if (layers is None) == (last_k is None):
         raise ValueError("choose layers either by name (layers=[...]) or by count (last_k=K), not both/neither")
+    if isinstance(layers, str):
+        text = layers.strip().lower()
+        if text == "all":
+            return available
+        if not text.isdigit():
+            raise ValueError(f"layers={layers!r}: give layer names (a list), a count K or 'all'")
+        last_k = int(text)
+    elif isinstance(layers, int):
+        last_k = layers
     if last_k is not None:
-        if not 1 <= int(last_k) <= len(available):
-            raise ValueError(f"last_k must be between 1 and {len(available)} (compressible layers here), got {last_k}")
-        return available[-int(last_k):]
+        if isinstance(last_k, bool) or not isinstance(last_k, int) or not 0 <= last_k <= len(available):
+            raise ValueError(f"last_k must be between 0 and {len(available)} (compressible layers here), "
+                             f"got {last_k!r}")
+        return available[len(available) - last_k:]
     names = list(layers)
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -101,6 +118,8 @@ def compress_model(model: nn.Module, method: str, layers: Iterable[str] | None =
     if any(isinstance(m, CompressedLayer) for m in model.modules()):
         raise ValueError("model is already compressed: call engine.restore_model(model) first")
     names = resolve_layers(model, layers, last_k)
+    if not names:
+        raise ValueError("no layer chosen: give layers=[names] or last_k >= 1")
     all_layers = compressible_layers(model)
     head = all_layers[-1]
     methods = {name: make_method(method, name, options, seed) for name in names}  # validates options first

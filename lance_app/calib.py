@@ -29,7 +29,7 @@ import streamlit as st
 
 from engine.calibration import DEFAULT_EPS_GRID  # `lance calibrate`'s grid: the page shows what the CLI computes
 from engine.calibration import plan as plan_mod
-from engine.calibration.cache import lance_home
+from engine.home import lance_home
 from lance_app.catalog import Unavailable, engine_attr, engine_attr_any
 from lance_app.state import show_error
 

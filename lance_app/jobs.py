@@ -25,18 +25,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from platformdirs import user_data_dir
+from engine.home import lance_home
 
 JOB_KINDS = ("finetune", "continual", "sweep")
 
-
-def lance_home() -> Path:
-    """Where the run store lives: ``$LANCE_HOME`` or the platform user-data dir ``lance-lab``."""
-    env = os.environ.get("LANCE_HOME")
-    if env:
-        return Path(env).expanduser()
-
-    return Path(user_data_dir("lance-lab"))
 
 
 @dataclass

@@ -10,8 +10,9 @@ import traceback
 
 import streamlit as st
 
+from engine.home import lance_home
 from lance_app.catalog import DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_WEIGHTS, Unavailable, engine_attr
-from lance_app.jobs import JobRunner, lance_home
+from lance_app.jobs import JobRunner
 
 DEFAULT_CONFIG = {
     "backbone": DEFAULT_BACKBONE,

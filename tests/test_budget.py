@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.calibration.budget import BudgetError, format_bytes, parse_budget
+from engine.calibration.budget import BudgetError, parse_budget
 from engine.calibration.knapsack import (
     InfeasibleBudget,
     brute_force_multiple_choice_knapsack,
     solve_multiple_choice_knapsack,
 )
+from engine.units import format_bytes
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def test_list_shows_runs_and_filters(capsys):
     a, b = make_runs()
     assert main(["runs", "list"]) == 0
     out = capsys.readouterr().out
-    assert a in out and b in out and "61.50" in out and "12.3kB" in out
+    assert a in out and b in out and "61.50" in out and "12.3 kB" in out
     assert main(["runs", "list", "--status", "failed", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in listed] == [b] and listed[0]["message"].startswith("loss became nan")

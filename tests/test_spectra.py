@@ -11,7 +11,7 @@ from torch import nn
 import engine
 from engine import tensor_ops as T
 from engine.calibration import calibrate_model
-from engine.calibration.pipeline import calibration_batches, compressible_layer_names
+from engine.calibration.pipeline import calibration_batches
 from engine.functional import hosvd_ranks
 from engine.methods.calibration import calibrate_layers
 from engine.spectra import (
@@ -151,7 +151,7 @@ def test_lance_trains_with_the_ranks_lance_calibrate_reports_on_mcunet():
                        data_root=SHARED / "datasets", seed=0, augment=False, max_per_class=6)
     batches = calibration_batches(data, 3, 24, 0)
     batches[-1] = (batches[-1][0][:11], batches[-1][1][:11])
-    all_layers = compressible_layer_names(bb.model)
+    all_layers = engine.compressible_layers(bb.model)
     names = [all_layers[-4], all_layers[-1]]  # inverted_bottleneck conv, classifier.linear
     assert isinstance(dict(bb.model.named_modules())[names[0]], nn.Conv2d)
     assert isinstance(dict(bb.model.named_modules())[names[1]], nn.Linear)

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.calibration.pipeline import calibrate_model, calibration_batches, compressible_layer_names
+from engine.calibration.pipeline import calibrate_model, calibration_batches
 from engine.data import get_dataset
 from engine.methods.calibration import calibrate_layers
 from engine.models import build_backbone
 from engine.spectra import eigh_descending, rank_for_energy
+from engine.surgery import compressible_layers
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 EPS = 0.8
@@ -48,7 +49,7 @@ def main(batch_size: int = 32, resolution: int = 160) -> dict:
     data = get_dataset("cifar10-jpeg", split="train", resolution=resolution, mean=bb.mean, std=bb.std,
                        data_root=SHARED / "datasets", seed=0, augment=False, max_per_class=20)
     batches = calibration_batches(data, 3, batch_size, 0)
-    names = compressible_layer_names(bb.model)[-4:]
+    names = compressible_layers(bb.model)[-4:]
     stats = calibrate_layers(bb.model, names, batches)
     trained = {n: list(stats[n].ranks_at(EPS)) for n in names}
     result = calibrate_model(bb.model, batches, names, [EPS])

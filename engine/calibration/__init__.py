@@ -8,7 +8,7 @@
   :func:`select_ranks_from_arrays` and :func:`solve_multiple_choice_knapsack` on plain arrays.
 - :func:`parse_budget` — ``"0.5MB"`` (10^6), ``"512KiB"`` (2^10), ``"300000"`` → bytes.
 """
-from engine.calibration.budget import BudgetError, format_bytes, parse_budget
+from engine.calibration.budget import BudgetError, parse_budget
 from engine.calibration.knapsack import (
     InfeasibleBudget,
     KnapsackSolution,
@@ -20,7 +20,7 @@ from engine.calibration.selection import LayerChoice, Selection, select_ranks, s
 from engine.calibration.spectra import collect_spectra
 
 __all__ = [
-    "BudgetError", "format_bytes", "parse_budget",
+    "BudgetError", "parse_budget",
     "InfeasibleBudget", "KnapsackSolution", "solve_multiple_choice_knapsack",
     "brute_force_multiple_choice_knapsack",
     "DEFAULT_EPS_GRID", "CalibrationResult", "calibrate", "calibrate_model",

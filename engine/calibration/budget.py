@@ -1,4 +1,4 @@
-"""Memory budgets: parse ``"0.5MB"``, ``"512KiB"``, ``"300000"`` into bytes and format bytes back.
+"""Memory budgets: parse ``"0.5MB"``, ``"512KiB"``, ``"300000"`` into bytes (``engine.units.format_bytes``: back).
 
 Decimal units are powers of ten (``kB``/``KB`` = 10^3, ``MB`` = 10^6, ``GB`` = 10^9 bytes), binary
 units powers of two (``KiB`` = 2^10, ``MiB`` = 2^20, ``GiB`` = 2^30 bytes). A bare number is bytes.
@@ -68,11 +68,3 @@ def parse_budget(budget: str | int | float) -> int:
     # round(…, 6) first so that 0.1MB does not become 99999 bytes through binary floating point.
     return int(math.floor(round(n_bytes, 6)))
 
-
-def format_bytes(n_bytes: int | float) -> str:
-    """Human-readable bytes in decimal units: ``format_bytes(524288) == '524.3 kB'``."""
-    n = float(n_bytes)
-    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if abs(n) >= factor:
-            return f"{n / factor:.1f} {unit}"
-    return f"{int(n)} B"

@@ -15,23 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from platformdirs import user_data_dir
+from engine.home import cache_root
 
 CACHE_VERSION = 1
 
 
-def lance_home() -> Path:
-    """``$LANCE_HOME`` or the per-user data directory of ``lance-lab``."""
-    env = os.environ.get("LANCE_HOME")
-    if env:
-        return Path(env).expanduser()
-
-    return Path(user_data_dir("lance-lab"))
-
 
 def cache_dir() -> Path:
-    base = os.environ.get("LANCE_CACHE_DIR")
-    return (Path(base).expanduser() if base else lance_home() / "cache") / "calibration"
+    """``cache_root() / "calibration"``."""
+    return cache_root() / "calibration"
 
 
 def _weights_identity(weights: str | None) -> Any:

@@ -26,7 +26,7 @@ from engine.calibration.spectra import SpectraCollector
 from engine.data import get_dataset, num_classes
 from engine.methods.base import stored_bytes
 from engine.models import build_backbone
-from engine.surgery import compressible_layers
+from engine.surgery import compressible_layers, resolve_layers
 
 DEFAULT_EPS_GRID: tuple[float, ...] = tuple(round(0.4 + 0.05 * i, 2) for i in range(12))  # 0.40 … 0.95
 ELEMENT_BYTES = 4  # float32 activations
@@ -98,31 +98,6 @@ class CalibrationResult:
             raise ValueError(f"{path} is not a calibration written by `lance calibrate`: {err}") from None
 
 
-def compressible_layer_names(model: nn.Module) -> list[str]:
-    """Every ``nn.Conv2d`` / ``nn.Linear`` in definition order (engine.surgery's rule)."""
-    return list(compressible_layers(model))
-
-
-def resolve_layers(all_layers: Sequence[str], layers: int | str | Sequence[str] | None) -> list[str]:
-    """``None``/``"all"``: every layer; an int ``K``: the last ``K``; a list: those names (checked)."""
-    if layers is None or (isinstance(layers, str) and layers.lower() == "all"):
-        return list(all_layers)
-    if isinstance(layers, str) and layers.isdigit():
-        layers = int(layers)
-    if isinstance(layers, int):
-        if layers < 0:
-            raise ValueError(f"--layers must be >= 0, got {layers}")
-        if layers > len(all_layers):
-            raise ValueError(f"--layers {layers} asks for more layers than the model's "
-                             f"{len(all_layers)} compressible ones")
-        return list(all_layers[len(all_layers) - layers:]) if layers else []
-    names = list(layers)
-    unknown = [n for n in names if n not in all_layers]
-    if unknown:
-        raise ValueError(f"unknown layer(s) {unknown}; compressible layers are: {list(all_layers)}")
-    return [n for n in all_layers if n in set(names)]
-
-
 def check_eps_grid(eps_grid: Sequence[float]) -> list[float]:
     grid = [float(e) for e in eps_grid]
     if not grid:
@@ -170,9 +145,9 @@ def calibrate_model(
     batches = list(batches)
     if not batches:
         raise ValueError("no calibration batches: the dataset gave none")
-    all_layers = compressible_layer_names(model)
+    all_layers = compressible_layers(model)
     spectra_names = list(spectra_layers) if spectra_layers is not None else all_layers
-    finetuned = resolve_layers(all_layers, finetuned_layers)
+    finetuned = resolve_layers(all_layers, "all" if finetuned_layers is None else finetuned_layers)
     spectra_names = [n for n in all_layers if n in set(spectra_names) | set(finetuned)]
     if finetuned:
         x, y = _split_batch(batches[0])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.home import lance_home
 from engine.store import StoreError
 from engine.store.files import atomic_write_text
-from engine.store.paths import default_root
 
 
 def write_json(target: str, data: dict) -> None:
@@ -17,7 +17,7 @@ def write_json(target: str, data: dict) -> None:
     else:
 
         path = Path(target).expanduser()
-        root = default_root().resolve()
+        root = lance_home().resolve()
         if path.resolve() == root or root in path.resolve().parents:
             raise StoreError(f"refusing to write {path}: it is inside the run store {root}; give --json a path "
                              "outside it")

@@ -9,6 +9,7 @@ import torch
 
 from engine.bench import layers as L
 from engine.bench import real as R
+from engine.units import format_bytes
 
 
 def register(subparsers) -> None:
@@ -36,13 +37,6 @@ def register(subparsers) -> None:
     layers.set_defaults(func=run_layers)
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _error(message: str) -> int:
@@ -135,7 +129,8 @@ def run_layers(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['layer'][:44]:44s} B={r['shape'][0]:<4d} {r['method']:15s} step {r['step_ms']:9.2f} ms"
                   f"  time x{r['time_ratio_vs_vanilla']:6.3f}  flops x{r['flops_ratio_vs_vanilla']:6.3f}"
-                  f"  saved {_fmt_bytes(r['saved_bytes']):>10s}  err {r['grad_rel_error']:.2e}  ranks {r['ranks']}",
+                  f"  saved {format_bytes(r['saved_bytes'], binary=True):>10s}  err {r['grad_rel_error']:.2e}"
+                  f"  ranks {r['ranks']}",
                   flush=True)
 
     if sizes is None:

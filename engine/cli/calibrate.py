@@ -26,12 +26,12 @@ from engine.calibration import (
     InfeasibleBudget,
     brute_force_multiple_choice_knapsack,
     calibrate,
-    format_bytes,
     solve_multiple_choice_knapsack,
 )
 from engine.calibration.plan import solve_plan
 from engine.data.errors import DatasetMissing
 from engine.models.weights import WeightsMissing
+from engine.units import format_bytes
 
 DEFAULT_TRAIN_BATCH_SIZE = 128  # FinetuneConfig.batch_size, the fine-tune default (tested equal)
 

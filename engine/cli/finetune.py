@@ -25,8 +25,9 @@ from engine.train.config import (
 from engine.train.evaluate import evaluate_run
 from engine.train.resume import resume_config
 from engine.train.session import run_finetune
-from engine.train.sinks import ProgressSink, _fmt_bytes
+from engine.train.sinks import ProgressSink
 from engine.train.summary import summary_for_json
+from engine.units import format_bytes
 
 METHODS_HELP = "vanilla, gradient_filter, hosvd, asi, lance (comma-separated: run one after another)"
 
@@ -150,8 +151,8 @@ def print_table(results, stream=None) -> None:
         acc = f"{s['val_acc']:.2f}" if s.get("val_acc") is not None else "-"
         step = f"{s['step_ms']:.1f}" if s.get("step_ms") is not None else "-"
         flops = f"{s['flops'] / 1e6:.1f}" if s.get("flops") is not None else "-"
-        print(f"{r.method:<16}{r.status:<12}{acc:>10}{_fmt_bytes(s.get('layer_activation_bytes')):>11}"
-              f"{_fmt_bytes(s.get('region_activation_bytes')):>12}{_fmt_bytes(s.get('analytic_activation_bytes')):>11}"
+        print(f"{r.method:<16}{r.status:<12}{acc:>10}{format_bytes(s.get('layer_activation_bytes')):>11}"
+              f"{format_bytes(s.get('region_activation_bytes')):>12}{format_bytes(s.get('analytic_activation_bytes')):>11}"
               f"{step:>9}{flops:>12}  {r.run_id}", file=stream)
 
 

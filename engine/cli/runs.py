@@ -6,11 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+from engine.home import lance_home
 from engine.store import RunStore, StoreError
-from engine.store.paths import default_root
 from engine.store.procinfo import is_alive
 from engine.store.repair import repair_store
-from engine.train.sinks import _fmt_bytes
+from engine.units import format_bytes
 
 
 def register(subparsers) -> None:
@@ -85,7 +85,7 @@ def run_list(args) -> int:
         dataset = str(b["dataset"] or "-")
         dataset = dataset if len(dataset) <= 21 else "…" + dataset[-20:]
         print(f"{b['id']:<24}{b['kind']:<10}{str(b['method']):<16}{b['status']:<12}{acc:>7}"
-              f"{_fmt_bytes(b['layer_activation_bytes']):>11}  {str(b['backbone'] or '-'):<14}{dataset:<22}"
+              f"{format_bytes(b['layer_activation_bytes']):>11}  {str(b['backbone'] or '-'):<14}{dataset:<22}"
               f"{_when(b['created_at'])}")
     return 0
 
@@ -160,7 +160,7 @@ def run_delete(args) -> int:
 
 
 def run_repair(args) -> int:
-    report = repair_store(default_root())
+    report = repair_store(lance_home())
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.store.paths import default_root
+from engine.home import lance_home
 from engine.train.config import ConfigError
 
 
@@ -25,7 +25,7 @@ def check_json_target(target: str | None) -> None:
     if not target or target == "-":
         return
 
-    root = default_root().expanduser().resolve()
+    root = lance_home().expanduser().resolve()
     path = Path(target).expanduser().resolve()
     if path == root or root in path.parents:
         raise ConfigError(f"--json {target}: that is inside the run store {root}; give a path outside it")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.models.weights import lance_home
+from engine.home import cache_root, lance_home
 
 
 def data_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
@@ -24,8 +24,6 @@ def data_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
 
 def cache_dir(kind: str) -> Path:
     """``<cache>/<kind>`` (created), e.g. ``decoded`` or ``features``."""
-    base = os.environ.get("LANCE_CACHE_DIR")
-    root = Path(base).expanduser() if base else lance_home() / "cache"
-    path = root / kind
+    path = cache_root() / kind
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -19,7 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from platformdirs import user_data_dir
+
+from engine.home import lance_home
 
 
 class WeightsMissing(FileNotFoundError):
@@ -62,14 +63,6 @@ def expected_sha256(filename: str) -> str | None:
     """The recorded SHA-256 of a published weights file name, or None when none is recorded."""
     return KNOWN_SHA256.get(Path(filename).name)
 
-
-def lance_home() -> Path:
-    """``$LANCE_HOME`` or the platform's user data dir for ``lance-lab``."""
-    env = os.environ.get("LANCE_HOME")
-    if env:
-        return Path(env).expanduser()
-
-    return Path(user_data_dir("lance-lab"))
 
 
 def weights_dir(explicit: str | os.PathLike | None = None) -> Path:

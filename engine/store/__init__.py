@@ -8,7 +8,6 @@ See ``docs/CONTRACTS.md`` ("Run store") for the API every other piece relies on.
     >>> store.log_metrics(run_id, [{"step": 1, "epoch": 0, "split": "train", "key": "loss", "value": 2.3}])
     >>> store.set_status(run_id, "completed")
 """
-from engine.store.paths import default_root
 from engine.store.runs import (
     RUN_KINDS,
     RUN_STATUSES,
@@ -21,4 +20,4 @@ from engine.store.runs import (
 )
 
 __all__ = ["RUN_KINDS", "RUN_STATUSES", "RunNotFound", "RunStore", "StoreDamaged", "StoreError", "StoreReadOnly",
-           "StoreUnavailable", "default_root"]
+           "StoreUnavailable"]

@@ -39,10 +39,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.home import lance_home
 from engine.phases import check_phase
 from engine.store import files
 from engine.store.ids import BadRunId, check_prefix, is_run_id, run_folder
-from engine.store.paths import default_root
 from engine.store.procinfo import hostname, is_alive, process_start_token
 
 RUN_KINDS = ("finetune", "continual")
@@ -156,7 +156,7 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike | None = None, *, mark_orphans: bool = True,
                  read_only: bool = False, check_index: bool = True):
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.root = Path(root).expanduser() if root is not None else lance_home()
         self.db_path = self.root / "runs.sqlite"
         self.runs_root = self.root / "runs"
         self._local = threading.local()

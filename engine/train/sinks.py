@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from engine.store import StoreError
 from engine.train.events import EPOCH_SPLITS, STEP_SPLIT, EpochEnded, Event, RunEnded, RunStarted, StepEnded
+from engine.units import format_bytes
 
 
 class RecordingSink:
@@ -62,14 +63,6 @@ class StoreSink:
                 pass  # the CSV copy is a convenience; the rows are in the store and metrics.jsonl
 
 
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= factor:
-            return f"{n / factor:.1f}{unit}"
-    return f"{int(n)}B"
-
 
 class ProgressSink:
     """A tqdm progress bar per run on ``stream`` (stderr), plus one line per epoch."""
@@ -96,7 +89,7 @@ class ProgressSink:
             self.bar.update(1)
             self.bar.set_postfix_str(
                 f"ep {event.epoch + 1}/{self.epochs} loss {m.get('loss', float('nan')):.3f} "
-                f"acc {m.get('acc', float('nan')):.1f}% act {_fmt_bytes(m.get('layer_activation_bytes'))}",
+                f"acc {m.get('acc', float('nan')):.1f}% act {format_bytes(m.get('layer_activation_bytes'))}",
                 refresh=False,
             )
         elif isinstance(event, EpochEnded):
@@ -113,8 +106,8 @@ class ProgressSink:
             s: dict[str, Any] = event.summary
             line = f"[{event.method or self.method}] {event.status}"
             if s.get("val_acc") is not None:
-                line += (f": val acc {s['val_acc']:.2f}%, activations {_fmt_bytes(s.get('layer_activation_bytes'))}"
-                         f" (layers) / {_fmt_bytes(s.get('region_activation_bytes'))} (region),"
+                line += (f": val acc {s['val_acc']:.2f}%, activations {format_bytes(s.get('layer_activation_bytes'))}"
+                         f" (layers) / {format_bytes(s.get('region_activation_bytes'))} (region),"
                          f" step {s.get('step_ms', 0):.1f} ms")
             if event.message:
                 line += f" — {event.message}"
