@@ -94,12 +94,17 @@ class HOSVD(_TuckerMethod):
         ranks = {}
         for mode in range(x.dim()):
             d = shape[mode]
-            values, vectors = S.eigh_descending(T.mode_gram(x, mode))
-            flops += 2 * x.numel() * d + 9 * d**3
-            r = S.rank_for_energy(values, self.eps)
+            other = x.numel() // d
+            if d > other:  # a wide mode (a linear layer's features): the small Gram of the other side
+                r, factor, f = self._wide_mode_factor(x, mode)
+            else:
+                values, vectors = S.eigh_descending(T.mode_gram(x, mode))
+                f = 2 * x.numel() * d + 9 * d**3
+                r = S.rank_for_energy(values, self.eps)
+                factor = vectors[:, :r].contiguous() if r < d else None
+            flops += f
             ranks[mode] = r
-            if r < d:
-                factors[mode] = vectors[:, :r].contiguous()
+            factors[mode] = factor
         y = x
         for mode in projection_order(shape, {m: r for m, r in ranks.items() if m > 0}):
             flops += 2 * y.numel() * ranks[mode]
@@ -111,6 +116,34 @@ class HOSVD(_TuckerMethod):
         if self.track_energy:
             meta["captured_energy"] = energy_ratio(y, x)
         return tucker_stash(y, factors, meta)
+
+
+    def _wide_mode_factor(self, x: Tensor, mode: int) -> tuple[int, Tensor | None, int]:
+        """(rank, factor (D, r) or None, FLOPs) of a mode whose size D exceeds n = numel/D.
+
+        ``M = x_(m)`` (D × n) has the same nonzero spectrum as the n × n Gram ``MᵀM``; its leading left
+        singular vectors span ``M V_r`` (V_r: the Gram's leading eigenvectors), orthonormalised by a thin QR.
+        Costs 2·numel·n + 9n³ + 2·numel·r + 2·D·r² instead of 2·numel·D + 9D³ (a 1280-feature classifier
+        at batch 32: 40× fewer FLOPs); same subspace, same energy rank.
+        """
+        d = x.shape[mode]
+        m = T.unfold(x, mode)  # (D, n)
+        n = m.shape[1]
+        values, vectors = S.eigh_descending(m.T @ m)
+        values = torch.cat([values, values.new_zeros(d - n)])  # the D − n zero eigenvalues of M Mᵀ
+        r = S.rank_for_energy(values, self.eps)
+        flops = 2 * x.numel() * n + 9 * n**3
+        if r >= d:
+            return d, None, flops
+        if r > n:  # cannot happen for eps <= 1 (rank <= n nonzero values), kept exact anyway
+            return self._full_gram_factor(x, mode, r) + (flops,)
+        factor = T.orth(m @ vectors[:, :r])
+        return r, factor.contiguous(), flops + 2 * x.numel() * r + 2 * d * r * r
+
+    @staticmethod
+    def _full_gram_factor(x: Tensor, mode: int, r: int) -> tuple[int, Tensor]:
+        _, vectors = S.eigh_descending(T.mode_gram(x, mode))
+        return r, vectors[:, :r].contiguous()
 
 
 class ASI(_TuckerMethod):
