@@ -60,6 +60,11 @@ CASES = [
     pytest.param(4, 6, 1, 2, 0, 1, 14, id="1x1-stride2-14x14"),
     pytest.param(4, 6, 3, 2, 1, 1, 14, id="3x3-stride2-14x14"),
     pytest.param(4, 6, 3, 2, 1, 1, 8, id="3x3-stride2-8x8"),
+    # R = 2 not dividing H': the partial last patch row / column through their own transposed convs
+    pytest.param(6, 6, 7, 1, 3, 6, 7, id="depthwise7-7x7"),
+    pytest.param(4, 6, 3, 2, 1, 1, 13, id="3x3-stride2-13x13"),
+    pytest.param(4, 5, 5, 1, 2, 1, 9, id="5x5-9x9"),
+    pytest.param(4, 5, 3, 1, 0, 1, 7, id="3x3-nopad-7x7"),
 ]
 
 
