@@ -43,7 +43,8 @@ class GradientFilter(Method):
     ``Σ_patches |patch|·Ḡ·Ā`` (every tap the same), with ``|patch|`` the patch's output pixel count.
     The input gradient is the exact transposed convolution of ``Ḡ`` broadcast back over each patch
     (approximate, so errors compound with depth); it is computed on the ``h×w`` grid where that is
-    the same number (1×1 convs; ``R`` dividing ``H'`` and ``W'``), ``R²`` resp. ≈2-3× cheaper.
+    the same number and measured faster (1×1 convs; grouped convs with ``R`` dividing ``H'`` and ``W'``),
+    ``R²`` resp. ≈2-3× cheaper in FLOPs.
     Linear layers have no spatial patches: they stay exact (vanilla storage).
     """
 
@@ -105,7 +106,10 @@ class GradientFilter(Method):
         plain = geometry.dilation == (1, 1) and geometry.symmetric
         if plain and geometry.kernel == (1, 1) and geometry.padding == (0, 0, 0, 0):
             return _filtered_input_grad_pointwise(g_avg, weight, geometry, r, (out_h, out_w), input_shape)
-        if plain and out_h % r == 0 and out_w % r == 0:
+        if plain and geometry.groups > 1 and out_h % r == 0 and out_w % r == 0:
+            # grouped (depthwise) only: there the grid's strided transposed conv is ~2× faster than the
+            # broadcast one; for dense k×k convs mkldnn's strided transposed conv is 1.2-1.5× slower
+            # (measured at (32, 512, 8, 8) and (64, 256, 6, 6), docs/speed.md)
             return _filtered_input_grad_grid(g_avg, weight, geometry, r, input_shape)
         return layer.exact_input_grad(broadcast_patches(g_avg, r, (out_h, out_w)), weight, input_shape)
 
