@@ -163,3 +163,13 @@ def test_report_without_a_callback_does_nothing_and_checks_the_phase(capsys):
     line("caching", 1, 2)
     line("done")
     assert capsys.readouterr().err == "[caching] 1/2\n"
+
+
+def test_continual_cli_with_a_job_id_records_done_at_the_end(capsys):
+    small = ["continual", "--benchmark", "split-digits", "--backbone", "alexnet-cl", "--epochs", "1",
+             "--limit-train", "24", "--limit-test", "30", "--basis-samples", "16", "--calibration-batches", "1",
+             "--batch-size", "12", "--lr", "0.01", "--quiet", "--method", "finetune"]
+    assert RunStore().phase("job-cl") is None
+    assert main([*small, "--job-id", "job-cl"]) == 0, capsys.readouterr().err
+    row = RunStore().phase("job-cl")
+    assert row["phase"] == "done" and row["updated_at"] > 0
