@@ -27,10 +27,14 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine.calibration import DEFAULT_EPS_GRID  # `lance calibrate`'s grid: the page shows what the CLI computes
+from engine.calibration import (
+    DEFAULT_EPS_GRID,  # `lance calibrate`'s grid: the page shows what the CLI computes
+    calibrate,
+)
 from engine.calibration import plan as plan_mod
+from engine.functional import tucker_bytes
 from engine.home import lance_home
-from lance_app.catalog import Unavailable, engine_attr, engine_attr_any
+from lance_app.catalog import Unavailable
 from lance_app.state import show_error
 
 DEFAULT_CALIBRATION_BATCHES = 2      # `lance calibrate --batches` default
@@ -77,7 +81,6 @@ def _calibrate(backbone: str, weights: str, dataset: str, layers_k: int, eps_gri
     cache = _results()
     if key in cache:
         return cache[key]
-    calibrate = engine_attr_any(("engine.calibration", "calibrate"), ("engine.calibration.pipeline", "calibrate"))
     bar = st.progress(0.0, text="Calibrating…")
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -96,10 +99,7 @@ def _calibrate(backbone: str, weights: str, dataset: str, layers_k: int, eps_gri
 
 
 def _tucker_bytes(shape, ranks) -> int:
-    try:
-        return int(engine_attr("engine.functional", "tucker_bytes")(list(shape), list(ranks), ELEMENT_BYTES))
-    except Unavailable:  # methods.md §1: Π r_m + Σ D_m r_m elements
-        return ELEMENT_BYTES * (math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks)))
+    return int(tucker_bytes(list(shape), list(ranks), ELEMENT_BYTES))
 
 
 def view_from_result(result: dict) -> dict:

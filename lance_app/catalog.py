@@ -1,7 +1,6 @@
 """What this machine offers: backbones, weights and datasets, each available or missing with why.
 
-No Streamlit here. Engine pieces are imported lazily; a missing piece becomes a readable
-:class:`Unavailable` message instead of an ImportError on the page.
+No Streamlit here. A missing dataset or weights file becomes a readable :class:`Unavailable` message.
 
 Places looked at (in this order):
 - datasets: ``$LANCE_DATA_ROOT``, then ``<repo>/../shared/datasets`` (``$LANCE_SHARED`` overrides it);
@@ -14,6 +13,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.data import available_datasets, locate
+from engine.models import available_backbones, backbone_spec, bundled_weights, weights_available
+from engine.models.weights import weights_dir
+from engine.shared import apply_shared_defaults as engine_apply_shared_defaults
+from engine.shared import shared_root as engine_shared_root
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BACKBONE = "small-cnn-digits"  # bundled weights, pretrained on digits 0-4 (engine.models.pretrain_default)
 DEFAULT_DATASET = "digits-5to9"        # the five digits it never saw
@@ -25,7 +30,7 @@ class Unavailable(RuntimeError):
     """A piece of the engine or a file the page needs is not here; the message says what to do."""
 
 
-def engine_attr(module: str, attr: str):
+def engine_attr(module: str, attr: str):  # left for pages/budget.py, pages/finetune.py (plain imports there next)
     """``module.attr`` from the engine, or raise :class:`Unavailable` with a readable message."""
     try:
         mod = importlib.import_module(module)
@@ -52,13 +57,13 @@ def engine_attr_any(*candidates: tuple[str, str]):
 
 def shared_root() -> Path:
     """``$LANCE_SHARED`` or ``<repo>/../shared`` (developer and CI machines only)."""
-    return engine_attr("engine.shared", "shared_root")()
+    return engine_shared_root()
 
 
 def apply_shared_defaults(environ=os.environ) -> dict:
     """Point LANCE_DATA_ROOT / LANCE_WEIGHTS_DIR at ``../shared`` when it is there and they are unset
     (``engine.shared.apply_shared_defaults``: the CLI does the same). Returns what was set."""
-    return engine_attr("engine.shared", "apply_shared_defaults")(environ)
+    return engine_apply_shared_defaults(environ)
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,7 @@ class Option:
 
 def dataset_options() -> list[Option]:
     """Every dataset engine.data knows, the embedded default first; each found here or not (with why)."""
-    names = list(engine_attr("engine.data", "available_datasets")())
-    locate = engine_attr("engine.data", "locate")
+    names = list(available_datasets())
     if DEFAULT_DATASET in names:
         names.remove(DEFAULT_DATASET)
         names.insert(0, DEFAULT_DATASET)
@@ -91,7 +95,7 @@ def dataset_options() -> list[Option]:
 
 def backbone_names() -> list[str]:
     """engine.models.available_backbones(), the default first. Raises Unavailable."""
-    names = list(engine_attr("engine.models", "available_backbones")())
+    names = list(available_backbones())
     if DEFAULT_BACKBONE in names:
         names.remove(DEFAULT_BACKBONE)
         names.insert(0, DEFAULT_BACKBONE)
@@ -100,7 +104,7 @@ def backbone_names() -> list[str]:
 
 def backbone_summary(backbone: str) -> str:
     """One line from the backbone's registry entry: what it is, its size, resolution and weights source."""
-    entry = engine_attr("engine.models", "backbone_spec")(backbone)
+    entry = backbone_spec(backbone)
     parts = [entry.description, f"{entry.num_params / 1e6:.2f} M parameters", f"native {entry.resolution} px"]
     if entry.macs:
         parts.append(f"{entry.macs / 1e6:.1f} M MACs")
@@ -112,19 +116,19 @@ def backbone_summary(backbone: str) -> str:
 def weights_options(backbone: str) -> list[Option]:
     """Random init always; ImageNet weights for pretrained backbones, marked found here or not."""
     opts = [Option("random init (none)", "none", True, "no download needed")]
-    bundled = engine_attr("engine.models", "bundled_weights")(backbone)
+    bundled = bundled_weights(backbone)
     if bundled is not None:
         opts.insert(0, Option("pretrained on digits 0-4 (bundled)", "bundled", bundled.is_file(),
                               f"installed with the package at {bundled}" if bundled.is_file() else
                               f"missing at {bundled}: run `python -m engine.models.pretrain_default`"))
-    spec = engine_attr("engine.models", "backbone_spec")(backbone)
+    spec = backbone_spec(backbone)
     if not spec.pretrained:
         return opts
-    path = engine_attr("engine.models", "weights_available")(backbone)
+    path = weights_available(backbone)
     if path is not None:
         opts.append(Option("ImageNet", "imagenet", True, f"found at {path}"))
     else:
-        wdir = engine_attr("engine.models.weights", "weights_dir")()
+        wdir = weights_dir()
         opts.append(Option("ImageNet", "imagenet", False,
                            f"not found under {wdir} (LANCE_WEIGHTS_DIR) or the torch cache; put the file "
                            f"in {wdir}/{backbone}/, or go online so that `lance finetune --weights imagenet` "

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lance_app.catalog import engine_attr
+import engine
+from engine.data import num_classes
+from engine.models import build_backbone
 
 
 @st.cache_resource(show_spinner="Building the backbone…", max_entries=4)
 def pristine_backbone(name: str, weights: str, num_classes: int):
     """engine.models.build_backbone(name, weights, num_classes) in eval mode. Raises Unavailable."""
-    build = engine_attr("engine.models", "build_backbone")
-    backbone = build(name, weights=weights, num_classes=num_classes)
+    backbone = build_backbone(name, weights=weights, num_classes=num_classes)
     backbone.model.eval()
     for p in backbone.model.parameters():
         p.requires_grad_(False)
@@ -25,11 +26,10 @@ def pristine_backbone(name: str, weights: str, num_classes: int):
 @st.cache_data(show_spinner=False, max_entries=32)
 def dataset_classes(dataset: str) -> int:
     """engine.data.num_classes(dataset). Raises Unavailable / DatasetMissing."""
-    return int(engine_attr("engine.data", "num_classes")(dataset))
+    return int(num_classes(dataset))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def layer_names(name: str, weights: str, num_classes: int) -> list[str]:
     """Compressible (conv / linear) layer names of the backbone, in forward order."""
-    compressible = engine_attr("engine", "compressible_layers")
-    return list(compressible(pristine_backbone(name, weights, num_classes).model))
+    return list(engine.compressible_layers(pristine_backbone(name, weights, num_classes).model))

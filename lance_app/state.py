@@ -11,7 +11,8 @@ import traceback
 import streamlit as st
 
 from engine.home import lance_home
-from lance_app.catalog import DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_WEIGHTS, Unavailable, engine_attr
+from engine.store import RunStore
+from lance_app.catalog import DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_WEIGHTS, Unavailable
 from lance_app.jobs import JobRunner
 
 DEFAULT_CONFIG = {
@@ -49,11 +50,7 @@ def job_runner() -> JobRunner:
 
 @st.cache_resource(show_spinner=False)
 def _store(home: str):
-    run_store_cls = engine_attr("engine.store", "RunStore")
-    try:
-        return run_store_cls(home, mark_orphans=False)  # orphans: once per server, in startup()
-    except TypeError:  # a store without that switch
-        return run_store_cls(home)
+    return RunStore(home, mark_orphans=False)  # orphans: once per server, in startup()
 
 
 def open_store():
