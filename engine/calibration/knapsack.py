@@ -285,8 +285,8 @@ def _solve(int_costs: list[np.ndarray], float_values: list[np.ndarray], budget_b
     hulls = [_lower_convex_hull(c, v) for c, v in zip(kept_cost, kept_value)]
     bound = _LPBound(hulls)
     incumbent, incumbent_choice = _incumbent(kept_cost, kept_value, hulls, bound, budget_int)
-    # Branch and bound: a partial choice survives only if its best completion can beat the incumbent
-    # by more than round-off; when none can, the incumbent is optimal (to within ``tolerance``).
+    # Branch and bound: a partial choice survives only if its best completion can match or beat the
+    # incumbent (to within round-off), so a cheaper choice of equal value is never cut away.
     tolerance = 1e-9 * max(1.0, abs(incumbent))
 
     front_cost = np.zeros(1, dtype=np.int64)
@@ -302,9 +302,9 @@ def _solve(int_costs: list[np.ndarray], float_values: list[np.ndarray], budget_b
         ok = cand_cost + suffix_min_cost[i + 1] <= budget_int
         if i + 1 < n:
             remaining = (budget_int - cand_cost).astype(np.float64)
-            ok &= cand_value + bound(i + 1, remaining) < incumbent - tolerance
+            ok &= cand_value + bound(i + 1, remaining) <= incumbent + tolerance
         else:
-            ok &= cand_value < incumbent - tolerance
+            ok &= cand_value <= incumbent + tolerance  # ties with the incumbent stay: the cheapest of them wins
         flat = np.flatnonzero(ok)
         cand_cost, cand_value = cand_cost[flat], cand_value[flat]
         order = np.lexsort((flat, cand_value, cand_cost))
