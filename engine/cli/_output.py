@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from engine.home import lance_home
@@ -23,3 +24,9 @@ def write_json(target: str, data: dict) -> None:
                              "outside it")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text + "\n")
+
+
+def fail(command: str, message: str, code: int = 2) -> int:
+    """``lance <command>: error: <message>`` on stderr; returns the exit status (2: bad arguments)."""
+    print(f"lance {command}: error: {message}", file=sys.stderr)
+    return code

@@ -29,6 +29,7 @@ from engine.calibration import (
     solve_multiple_choice_knapsack,
 )
 from engine.calibration.plan import solve_plan
+from engine.cli._output import fail as _fail
 from engine.data.errors import DatasetMissing
 from engine.models.weights import WeightsMissing
 from engine.units import format_bytes
@@ -106,10 +107,6 @@ def register(subparsers) -> None:
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     c.set_defaults(func=run_bench_calibrate)
 
-
-def _fail(command: str, message: str, code: int = 2) -> int:
-    print(f"lance {command}: error: {message}", file=sys.stderr)
-    return code
 
 
 def _parse_eps(text: str | None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+from engine.cli._output import fail as _fail
 from engine.cli._output import write_json as _write_json
 from engine.cli.validate import check_json_target, check_not_empty
 from engine.data.decode import SKIP_BAD_IMAGES_ENV
@@ -114,10 +115,6 @@ def register(subparsers) -> None:
     e.add_argument("--json", default=None, metavar="OUT", help="write {run_id, dataset, split, accuracy, ...}")
     e.set_defaults(func=run_evaluate)
 
-
-def _fail(command: str, message: str, code: int = 2) -> int:
-    print(f"lance {command}: error: {message}", file=sys.stderr)
-    return code
 
 
 def config_from_args(args):

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
+from engine.cli._output import fail
 from engine.home import lance_home
 from engine.store import RunStore, StoreError
 from engine.store.procinfo import is_alive
@@ -53,8 +53,7 @@ def register(subparsers) -> None:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"lance runs: error: {message}", file=sys.stderr)
-    return code
+    return fail("runs", message, code)
 
 
 def _when(ts: float | None) -> str:
