@@ -13,15 +13,62 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from lance_app.axes import (
+    DASHES,
+    MODE_COLOURS,
+    method_colour,
+    method_of,
+    mode_names,
+    set_integer_axis,
+    set_log_axis,
+    short_layer_names,
+)
 
 METRIC_COLUMNS = ["label", "run_id", "id", "step", "epoch", "split", "task", "key", "value"]
 _LAYOUT = dict(margin=dict(l=50, r=20, t=40, b=40), height=320, legend=dict(orientation="h", y=-0.25))
+BASE_LAYOUT = _LAYOUT  # (for the other figure modules)
 
 
 def _figure(title: str, x_title: str, y_title: str) -> go.Figure:
     fig = go.Figure()
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, **_LAYOUT)
     return fig
+
+
+def is_empty(fig: go.Figure) -> bool:
+    """True when no trace has a point (the page shows a message instead of bare axes)."""
+    for trace in fig.data:
+        for attr in ("x", "y", "z"):
+            values = getattr(trace, attr, None)
+            if values is not None and len(values):
+                return False
+    return True
+
+
+def unit_of(key: str) -> str:
+    """The unit a metric key carries: 'B' for ``*_bytes``, 'ms' for ``*_ms``, else ''."""
+    key = str(key)
+    return "B" if key.endswith("bytes") else ("ms" if key.endswith("_ms") else "")
+
+
+def _line_styles(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """label -> (colour of its method, dash): a second run of the same method gets the next dash."""
+    seen: dict[str, int] = {}
+    out = {}
+    for label in labels:
+        method = method_of(label)
+        out[label] = (method_colour(label), DASHES[seen.get(method, 0) % len(DASHES)])
+        seen[method] = seen.get(method, 0) + 1
+    return out
+
+
+def _finish_axes(fig: go.Figure, x: str, xs: Sequence, ys: Sequence, log_y: bool, unit: str = "") -> None:
+    if log_y:
+        set_log_axis(fig, "y", ys, unit)
+    if x in ("task", "epoch"):
+        set_integer_axis(fig, "x", xs)
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -45,8 +92,11 @@ def metric_figure(df: pd.DataFrame, key: str, split: str | None = None, x: str =
     """One line per ``label`` of metric ``key`` (optionally one ``split``) against ``x``.
 
     df: long-format metrics (see :func:`metrics_frame`); rows without ``x`` are dropped.
+    Colour = the run's method (:data:`lance_app.axes.METHOD_COLOURS`), a second run of a method dashed;
+    ``log_y`` labels powers of ten only; ``x`` = task or epoch gets whole-number ticks.
     """
-    fig = _figure(title or key, x, y_title or key)
+    unit = unit_of(key)
+    fig = _figure(title or key, x, y_title or ("bytes" if unit == "B" else key))
     if log_y:
         fig.update_yaxes(type="log")
     if df is None or df.empty:
@@ -57,10 +107,33 @@ def metric_figure(df: pd.DataFrame, key: str, split: str | None = None, x: str =
     sel = sel.dropna(subset=[x, "value"])
     # An epoch's summary row repeats the last step's (step, split, key); keep the per-step row.
     sel = sel.drop_duplicates(subset=["label", "key", "split", x], keep="first")
+    styles = _line_styles(list(dict.fromkeys(sel["label"].tolist())))
     for label, part in sel.groupby("label", sort=False):
         part = part.sort_values(x)
+        colour, dash = styles[label]
         fig.add_trace(go.Scatter(x=part[x].tolist(), y=part["value"].tolist(), mode="lines+markers"
-                                 if len(part) < 30 else "lines", name=str(label)))
+                                 if len(part) < 30 else "lines", name=str(label), legendgroup=str(label),
+                                 line=dict(color=colour, dash=dash), marker=dict(color=colour)))
+    _finish_axes(fig, x, sel[x].tolist(), sel["value"].tolist(), log_y, unit)
+    return fig
+
+
+def add_val_markers(fig: go.Figure, df: pd.DataFrame, key: str = "acc") -> go.Figure:
+    """Validation rows of ``key`` as diamonds in their run's method colour, grouped with its line.
+
+    x is the row's step (the step the epoch ended at), or its epoch when a row has no step.
+    """
+    if df is None or df.empty:
+        return fig
+    val = df[(df["key"] == key) & (df["split"] == "val")].dropna(subset=["value"])
+    styles = _line_styles(list(dict.fromkeys(df["label"].tolist())))
+    for label, part in val.groupby("label", sort=False):
+        x = part["step"] if part["step"].notna().all() else part["epoch"]
+        colour = styles.get(label, (method_colour(label), "solid"))[0]
+        fig.add_trace(go.Scatter(x=x.tolist(), y=part["value"].tolist(), mode="markers", name=f"{label} (val)",
+                                 legendgroup=str(label),
+                                 marker=dict(size=10, symbol="diamond", color=colour,
+                                             line=dict(width=1, color="white"))))
     return fig
 
 
@@ -79,17 +152,17 @@ def memory_figure(df: pd.DataFrame, split: str = "train", x: str = "step",
 
     ``keys``: (metric key, legend word, dash) triples; the default is a fine-tune run's per-step rows
     (saved bytes of the compressed layers, of the whole trained region, and the step's allocator peak).
-    Trace names are ``"<label> · <word>"``; rows without ``x`` or value are dropped.
+    Trace names are ``"<label> · <word>"``; rows without ``x`` or value are dropped. The colour is the
+    run's method (the scheme of :mod:`lance_app.axes`, shared with the Sweep page).
     """
     fig = _figure(title, x, "bytes")
     fig.update_yaxes(type="log")
     if df is None or df.empty:
         return fig
     sel = df[df["split"] == split] if split is not None else df
-    sel = sel.dropna(subset=[x, "value"])
-    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-    for i, label in enumerate(dict.fromkeys(sel["label"].tolist())):
-        colour = palette[i % len(palette)]
+    sel = sel[sel["key"].isin([k for k, _, _ in keys])].dropna(subset=[x, "value"])
+    for label in dict.fromkeys(sel["label"].tolist()):
+        colour = method_colour(label)
         for key, word, dash in keys:
             part = sel[(sel["label"] == label) & (sel["key"] == key)]
             part = part.drop_duplicates(subset=[x], keep="first").sort_values(x)
@@ -97,7 +170,9 @@ def memory_figure(df: pd.DataFrame, split: str = "train", x: str = "step",
                 continue
             fig.add_trace(go.Scatter(x=part[x].tolist(), y=part["value"].tolist(), name=f"{label} · {word}",
                                      mode="lines+markers" if len(part) < 30 else "lines",
-                                     line=dict(color=colour, dash=dash)))
+                                     legendgroup=str(label), line=dict(color=colour, dash=dash),
+                                     marker=dict(color=colour)))
+    _finish_axes(fig, x, sel[x].tolist(), sel["value"].tolist(), True, "B")
     return fig
 
 
@@ -127,14 +202,76 @@ def prefixed_metric_figure(df: pd.DataFrame, prefix: str, split: str | None = No
         sel = sel[sel["split"] == split]
     sel = sel.dropna(subset=[x, "value"]).drop_duplicates(subset=["label", "key", "split", x], keep="first")
     many = sel["label"].nunique() > 1
+    keys = list(dict.fromkeys(sel["key"].astype(str).tolist()))
+    short = short_layer_names([k[len(prefix):] for k in keys])
     for (label, key), part in sel.groupby(["label", "key"], sort=False):
         part = part.sort_values(x)
-        short = str(key)[len(prefix):]
+        name = short[str(key)[len(prefix):]]
         fig.add_trace(go.Scatter(x=part[x].tolist(), y=part["value"].tolist(), mode="lines",
-                                 name=f"{label}: {short}" if many else short))
+                                 name=f"{method_of(label)}: {name}" if many else name, legendgroup=str(label),
+                                 line=dict(dash=DASHES[keys.index(str(key)) % len(DASHES)],
+                                           color=method_colour(label)) if many else None))
     if len(fig.data) > 4:  # room for a long legend under the plot
         fig.update_layout(height=320 + 22 * ((len(fig.data) + 1) // 2), legend=dict(orientation="h", y=-0.3))
+    _finish_axes(fig, x, sel[x].tolist(), sel["value"].tolist(), log_y)
     return fig
+
+
+RANKS_TITLE = "ranks in use"
+
+
+def ranks_figure(df: pd.DataFrame, split: str = "train", x: str = "step", title: str = RANKS_TITLE,
+                 prefix: str = "rank/") -> go.Figure:
+    """Ranks per mode (keys ``rank/<layer>/<mode>``): one small panel per layer (short name above it),
+    one line per mode named B/C/H/W (as on the Spectra page) in the mode's colour, log y.
+
+    The legend holds the modes once (B, C, H, W), not a layer × mode list; several runs in one frame
+    get one dash each and legend entries "<method> · <mode>".
+    """
+    fig = _figure(title, x, "rank")
+    if df is None or df.empty:
+        return fig
+    sel = df[df["key"].astype(str).str.startswith(prefix)]
+    if split is not None:
+        sel = sel[sel["split"] == split]
+    sel = sel.dropna(subset=[x, "value"]).drop_duplicates(subset=["label", "key", "split", x], keep="first")
+    if sel.empty:
+        return fig
+    layer_mode = sel["key"].astype(str).str.slice(len(prefix)).str.rsplit("/", n=1)
+    sel = sel.assign(layer=layer_mode.str[0], mode=layer_mode.str[-1])
+    layers = list(dict.fromkeys(sel["layer"].tolist()))
+    short = short_layer_names(layers)
+    labels = list(dict.fromkeys(sel["label"].tolist()))
+    cols = min(4, len(layers))
+    rows = (len(layers) + cols - 1) // cols
+    grid = make_subplots(rows=rows, cols=cols, shared_yaxes=True, subplot_titles=[short[n] for n in layers],
+                         horizontal_spacing=0.04, vertical_spacing=0.18 if rows > 1 else 0.1)
+    grid.update_layout(title=title, **{**_LAYOUT, "height": 260 + 190 * rows})
+    shown: set[str] = set()
+    for li, layer in enumerate(layers):
+        part_layer = sel[sel["layer"] == layer]
+        modes = list(dict.fromkeys(part_layer["mode"].tolist()))
+        ordered = sorted(modes, key=lambda m: (len(m), m))  # '0' < '1' < … < '10'
+        names = dict(zip(ordered, mode_names(ordered)))
+        for ri, label in enumerate(labels):
+            for mode in modes:
+                part = part_layer[(part_layer["label"] == label) & (part_layer["mode"] == mode)].sort_values(x)
+                if part.empty:
+                    continue
+                name = names[mode] if len(labels) == 1 else f"{method_of(label)} · {names[mode]}"
+                grid.add_trace(go.Scatter(
+                    x=part[x].tolist(), y=part["value"].tolist(), mode="lines", name=name, legendgroup=name,
+                    showlegend=name not in shown, hovertemplate=f"{short[layer]} · {name}: %{{y}}<extra></extra>",
+                    line=dict(color=MODE_COLOURS.get(names[mode]), dash=DASHES[ri % len(DASHES)])),
+                    row=li // cols + 1, col=li % cols + 1)
+                shown.add(name)
+    set_log_axis(grid, "y", sel["value"].tolist())
+    if x in ("task", "epoch"):
+        set_integer_axis(grid, "x", sel[x].tolist())
+    grid.update_yaxes(title_text="rank", col=1)
+    for a in grid.layout.annotations:  # subplot titles: small
+        a.font = dict(size=11)
+    return grid
 
 
 def latest_value(df: pd.DataFrame, key: str, split: str | None = None, label: str | None = None):
@@ -173,12 +310,20 @@ def energy_figure(energies: Mapping[str, Sequence[float]], cumulative: bool = Fa
         e = np.asarray(e, dtype=np.float64)
         y = np.minimum(np.cumsum(e), 1.0) if cumulative else e
         fig.add_trace(go.Scatter(x=list(range(1, len(y) + 1)), y=y.tolist(), mode="lines+markers"
-                                 if len(y) <= 64 else "lines", name=str(mode)))
-    if any(len(e) > 64 for e in energies.values()):
-        fig.update_xaxes(type="log")
+                                 if len(y) <= 64 else "lines", name=str(mode),
+                                 line=dict(color=MODE_COLOURS.get(str(mode)))))
+    longest = max((len(e) for e in energies.values()), default=0)
+    if longest > 64:
+        set_log_axis(fig, "x", [1, longest])
     if cumulative:
-        for eps in eps_marks:
-            fig.add_hline(y=float(eps), line_dash="dot", line_width=1, opacity=0.5)
+        for i, eps in enumerate(eps_marks):
+            # ε = the energy a rank must keep: the rank for ε is where a mode's curve crosses its line
+            fig.add_hline(y=float(eps), line_dash="dash", line_width=1, line_color="#999999", opacity=0.7,
+                          annotation_text=f"ε {float(eps):g}", annotation_font_size=9,
+                          annotation_font_color="#666666",
+                          annotation_position="right" if i % 2 == 0 else "left")
+        if eps_marks:
+            fig.update_layout(margin=dict(_LAYOUT["margin"], r=60))
     return fig
 
 
@@ -208,10 +353,11 @@ def perplexity_figure(layers: Sequence[str], eps_grid: Sequence[float], values,
     z = np.asarray(values, dtype=np.float64)
     y_title = "relative error ‖dW−dŴ‖/‖dW‖" if relative else "‖dW−dŴ‖_F"
     fig = _figure("perplexity of the fine-tuned layers", "ε (energy kept)", y_title)
-    fig.update_yaxes(type="log")
+    short = short_layer_names(list(map(str, layers)))
     for name, row in zip(layers, z):
         fig.add_trace(go.Scatter(x=list(map(float, eps_grid)), y=row.tolist(), mode="lines+markers",
-                                 name=str(name)))
+                                 name=short[str(name)], hovertext=str(name)))
+    set_log_axis(fig, "y", z.ravel().tolist() if z.size else [])
     return fig
 
 

@@ -12,9 +12,10 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from lance_app.axes import METHOD_COLOURS, method_colour, set_log_axis
+
 FRONT_TITLE = "accuracy against measured layer bytes (mean ± std over seeds)"
-COLOURS = {"vanilla": "#444444", "gradient_filter": "#8c564b", "hosvd": "#1f77b4", "asi": "#2ca02c",
-           "lance": "#d62728", "gpm": "#9467bd", "finetune": "#7f7f7f"}
+COLOURS = METHOD_COLOURS  # the app's one scheme (lance_app.axes), shared with the fine-tune and runs charts
 X_TITLES = {"peak_layer_activation_bytes": "measured layer activation bytes (peak per step)",
             "peak_region_activation_bytes": "measured region activation bytes (peak per step)",
             "peak_memory_bytes": "measured peak memory bytes", "plan_total_bytes": "plan bytes (analytic)"}
@@ -36,7 +37,7 @@ def front_figure(results: dict[str, Any]) -> go.Figure:
                    and c["metrics"][x_metric]["mean"] is not None and c["metrics"]["accuracy"]["mean"] is not None]
         if not configs:
             continue
-        colour = COLOURS.get(method)
+        colour = method_colour(method)
         xs = [c["metrics"][x_metric]["mean"] for c in configs]
         ys = [c["metrics"]["accuracy"]["mean"] for c in configs]
         hover = [f"<b>{c['label']}</b><br>accuracy {c['metrics']['accuracy']['mean']:.2f}"
@@ -55,6 +56,7 @@ def front_figure(results: dict[str, Any]) -> go.Figure:
                                      y=[c["metrics"]["accuracy"]["mean"] for c in line], mode="lines",
                                      line={"color": colour, "dash": "dot"}, name=f"{method} front",
                                      hoverinfo="skip", showlegend=False))
+    set_log_axis(fig, "x", [x for t in fig.data for x in (t.x or ())], "B" if "bytes" in x_metric else "")
     return fig
 
 

@@ -5,6 +5,7 @@ import time
 
 import streamlit as st
 
+from lance_app import figures
 from lance_app.catalog import Unavailable
 from lance_app.live import JobView, readable_failure
 from lance_app.state import attach_job, job_runner, open_store
@@ -98,3 +99,24 @@ def stop_button(kind: str, job_id: str, alive: bool) -> None:
         time.sleep(0.3)
 
 
+
+
+def chart(fig, key: str, empty_message: str, container=None) -> None:
+    """``st.plotly_chart(fig, key=key)``, or ``empty_message`` (st.info) while the figure has no point:
+    no bare axes before the first rows. The key stays the same across polls, so a chart that has data
+    is updated in place."""
+    target = container if container is not None else st
+    if figures.is_empty(fig):
+        target.info(empty_message)
+    else:
+        target.plotly_chart(fig, key=key)
+
+
+def cached_figures(state_key: str, signature, build):
+    """``build()`` once per ``signature`` (e.g. (job id, row count, statuses)) per session: idle polls
+    resend the very same figures, so the browser has nothing to redraw."""
+    cached = st.session_state.get(state_key)
+    if cached is None or cached[0] != signature:
+        cached = (signature, build())
+        st.session_state[state_key] = cached
+    return cached[1]

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lance_app import catalog, figures
+from lance_app import catalog, continual_view, figures
 from lance_app.catalog import Unavailable
 from lance_app.live import POLL_S, job_progress
 from lance_app.state import CONTINUAL_METHODS, attach_job, attached_job, job_runner, setup_config, show_error
-from lance_app.views import job_state, poll_view, running_jobs_picker, status_banner, stop_button
+from lance_app.views import cached_figures, chart, job_state, poll_view, running_jobs_picker, status_banner, stop_button
 
 KIND = "continual"
 TASKS = {"split-digits": 5, "split-cifar10": 5, "split-cifar100": 10, "5-datasets": 5}
@@ -78,6 +78,23 @@ job = job_runner().get(job_id)
 extra = job.extra if job else {}
 
 
+def build_figures(runs: list[dict], frames: dict, frame) -> dict:
+    """The side-by-side table and figures of every method of the job, plus each run's detail figures."""
+    out = {"summary": continual_view.summary_frame(runs, frames, int(extra.get("n_tasks") or 0) or None),
+           "matrices": continual_view.matrices_figure(runs, frames),
+           "tasks": continual_view.tasks_figure(runs, frames),
+           "memory": figures.memory_figure(frame, split="task", x="task", keys=figures.CONTINUAL_MEMORY_KEYS,
+                                           title="measured memory per task: layer, region, step peak")}
+    for run in runs:
+        out[f"usage_{run['id']}"] = figures.usage_figure(frames.get(run["id"]))
+    return out
+
+
+BYTES = {c: st.column_config.NumberColumn(c, format="%d") for c in
+         ("peak layer bytes", "peak region bytes", "step peak bytes")}
+DECIMALS = {c: st.column_config.NumberColumn(c, format="%.2f") for c in ("ACC %", "BWT", "forgetting")}
+
+
 @st.fragment(run_every=POLL_S if alive else None)
 def live_view() -> None:
     now_alive = job_runner().is_alive(job_id)
@@ -102,6 +119,23 @@ def live_view() -> None:
     status_banner(KIND, job_id, view, now_alive)
     if not view.runs:
         return
+    frame = view.frame
+    signature = (job_id, len(frame), tuple((r["id"], r.get("status")) for r in view.runs))
+    figs = cached_figures("cl_figures", signature, lambda: build_figures(view.runs, view.frames, frame))
+    st.subheader("All methods side by side")
+    if figures.accuracy_matrix(frame).size == 0:
+        st.info("No task finished yet: the table and charts appear when the first method has trained and "
+                "evaluated its first task.")
+    else:
+        st.dataframe(figs["summary"], hide_index=True, key="cl_summary", column_config={**BYTES, **DECIMALS})
+        st.caption("ACC: mean accuracy over the tasks seen after the last task · BWT: mean change of the old "
+                   "tasks' accuracy since each was learned (0 = nothing forgotten) · peaks: the maximum over "
+                   "the tasks so far of the bytes saved for backward (layer: the protected layers' inputs; "
+                   "region: everything the trained region saves; step peak: the allocator's peak)")
+        chart(figs["matrices"], "cl_matrices", "No accuracy row yet.")
+        chart(figs["tasks"], "cl_tasks", "No accuracy row yet.")
+        chart(figs["memory"], "cl_memory", "No memory row yet.")
+    st.subheader("Per method")
     tabs = st.tabs([figures.run_label(r) for r in view.runs])
     for tab, run in zip(tabs, view.runs):
         with tab:
@@ -111,17 +145,12 @@ def live_view() -> None:
                                    (m3, "forgetting", "forgetting (points)")):
                 value = figures.latest_value(df, key, split="task")
                 col.metric(name, "–" if value is None else f"{value:.2f}")
-            c1, c2 = st.columns(2)
-            c1.plotly_chart(figures.accuracy_matrix_figure(figures.accuracy_matrix(df)),
-                            key=f"cl_matrix_{run['id']}")
-            c2.plotly_chart(figures.usage_figure(df), key=f"cl_usage_{run['id']}")
             # the run's peaks: the maximum over every task so far (not the last task's own peak)
             st.caption("measured peaks, maximum over the tasks so far: " + " · ".join(
                 f"{word} {figures.format_bytes(peak) if peak is not None else '–'}"
                 for word, peak in figures.run_peaks(df).items()))
-            st.plotly_chart(figures.memory_figure(df, split="task", x="task", keys=figures.CONTINUAL_MEMORY_KEYS,
-                                                  title="measured memory per task: layer, region, step peak"),
-                            key=f"cl_memory_{run['id']}")
+            chart(figs.get(f"usage_{run['id']}", figures.usage_figure(df)), f"cl_usage_{run['id']}",
+                  "No subspace usage yet (finetune keeps no subspace; the others log it after each task).")
     if alive and not now_alive:
         st.rerun()
 

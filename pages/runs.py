@@ -1,4 +1,5 @@
-"""Runs: the stored runs (filter, sort), overlay curves, configs side by side, export, delete."""
+"""Runs: the stored runs (filter, sort), accuracy against memory, overlay curves, configs side by side,
+export, delete."""
 from __future__ import annotations
 
 import pandas as pd
@@ -6,8 +7,15 @@ import streamlit as st
 
 from lance_app import figures
 from lance_app.catalog import Unavailable
-from lance_app.runs_table import config_side_by_side, metrics_export, runs_frame
+from lance_app.runs_table import (
+    config_side_by_side,
+    fallback_values,
+    metrics_export,
+    runs_frame,
+    scatter_figure,
+)
 from lance_app.state import open_store, show_error
+from lance_app.views import chart
 
 st.title("Runs")
 if st.session_state.get("runs_deleted"):
@@ -27,13 +35,18 @@ if not runs:
             "(or with `lance finetune …`).")
     st.stop()
 
-table = runs_frame(runs)
+try:
+    fallback = fallback_values(store, runs)  # val_acc / ACC of runs whose summary is not written yet
+except Exception as exc:
+    fallback = {}
+    show_error(f"Could not read the newest accuracies: {exc}", exc)
+table = runs_frame(runs, fallback)
 c1, c2, c3, c4 = st.columns(4)
 kinds = c1.multiselect("Kind", sorted(table["kind"].dropna().unique()), key="runs_kind")
 statuses = c2.multiselect("Status", sorted(table["status"].dropna().unique()), key="runs_status")
 methods = c3.multiselect("Method", sorted(table["method"].dropna().unique()), key="runs_method")
-sort_by = c4.selectbox("Sort by", ["created_at", "method", "status", "val_acc", "step_ms",
-                                   "layer_activation_bytes"], key="runs_sort")
+sort_by = c4.selectbox("Sort by", [c for c in ("created_at", "method", "status", "val_acc", "ACC", "BWT", "layer bytes",
+                                               "step_ms") if c in table.columns], key="runs_sort")
 shown = table
 if kinds:
     shown = shown[shown["kind"].isin(kinds)]
@@ -42,8 +55,15 @@ if statuses:
 if methods:
     shown = shown[shown["method"].isin(methods)]
 if sort_by in shown.columns:
-    shown = shown.sort_values(sort_by, ascending=(sort_by not in ("created_at", "val_acc")), na_position="last")
-st.dataframe(shown, hide_index=True, key="runs_table")
+    shown = shown.sort_values(sort_by, ascending=(sort_by not in ("created_at", "val_acc", "ACC", "BWT")),
+                              na_position="last")
+st.dataframe(shown, hide_index=True, key="runs_table",
+             column_config={"options": st.column_config.TextColumn("options", help="the options of this run's "
+                                                                   "method only (vanilla and finetune have none)"),
+                            "layer bytes": st.column_config.NumberColumn("layer bytes", format="%d",
+                                                                         help="measured layer activation bytes: "
+                                                                         "peak per step (fine-tune), peak over "
+                                                                         "tasks (continual)")})
 counts = shown["status"].value_counts()
 st.caption(f"{len(shown)} of {len(table)} run(s): " + " · ".join(f"{n} {status}" for status, n in counts.items()))
 
@@ -53,6 +73,11 @@ selected = st.multiselect("Select runs to compare", ids, default=ids[:2], format
                           key="runs_selected")
 if not selected:
     st.stop()
+
+scatter, not_drawn = scatter_figure(table[table["id"].isin(selected)])
+chart(scatter, "runs_scatter", "None of the selected runs has both an accuracy and measured layer bytes yet.")
+if not_drawn:
+    st.caption(f"Not in the scatter (no accuracy or layer bytes yet): {', '.join(not_drawn)}.")
 
 frames = []
 for rid in selected:
@@ -67,8 +92,14 @@ if keys:
     key = c1.selectbox("Metric", keys, index=keys.index("loss") if "loss" in keys else 0, key="runs_key")
     splits = sorted(df.loc[df["key"] == key, "split"].dropna().unique())
     split = c2.selectbox("Split", splits, key="runs_split") if splits else None
-    x = "task" if split == "task" else ("step" if df.loc[df["key"] == key, "step"].notna().any() else "epoch")
-    st.plotly_chart(figures.metric_figure(df, key, split=split, x=x, title=f"{key} ({split})"),
+    kinds_of = dict(zip(table["id"], table["kind"]))
+    rows = df[(df["key"] == key) & ((df["split"] == split) if split else True)]
+    continual_only = rows["run_id"].map(kinds_of).eq("continual").all()
+    # continual rows are per task (their "step" is the task index): tasks on x, whole numbers
+    x = "task" if split == "task" or (continual_only and rows["task"].notna().all()) else (
+        "step" if rows["step"].notna().any() else "epoch")
+    st.plotly_chart(figures.metric_figure(df, key, split=split, x=x, title=f"{key} ({split})",
+                                          log_y=figures.unit_of(key) in ("B", "ms")),
                     key="runs_overlay")
 else:
     st.info("The selected runs have no metric rows yet.")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from lance_app import figures
+from lance_app import axes, continual_view, figures, sweep_view
 from lance_app.runs_table import config_side_by_side, metrics_export, runs_frame
 
 
@@ -29,12 +29,82 @@ def test_metric_figure_one_line_per_run_in_step_order():
     assert figures.latest_value(df2, "missing") is None
 
 
-def test_prefixed_figure_names_layers_and_modes():
-    rows = _rows([4, 4], key="rank/blocks.3.conv/C") + _rows([2, 3], key="rank/blocks.3.conv/H", start_id=9)
-    fig = figures.prefixed_metric_figure(figures.metrics_frame(rows, label="hosvd #x"), "rank/", split="train")
-    assert sorted(t.name for t in fig.data) == ["blocks.3.conv/C", "blocks.3.conv/H"]
+def test_prefixed_figure_names_layers_by_their_short_names():
+    rows = (_rows([0.8, 0.9], key="captured_energy/blocks.3.conv")
+            + _rows([0.5, 0.6], key="captured_energy/blocks.4.conv", start_id=9))
+    fig = figures.prefixed_metric_figure(figures.metrics_frame(rows, label="hosvd #x"), "captured_energy/")
     by_name = {t.name: list(t.y) for t in fig.data}
-    assert by_name["blocks.3.conv/H"] == [2, 3]
+    assert by_name == {"3": [0.8, 0.9], "4": [0.5, 0.6]}  # 'blocks' and 'conv' are shared by both
+
+
+MCUNET = ["blocks.14.mobile_inverted_conv.point_linear.conv", "blocks.15.mobile_inverted_conv.depth_conv.conv",
+          "blocks.16.mobile_inverted_conv.inverted_bottleneck.conv"]
+
+
+def test_ranks_figure_one_panel_per_layer_modes_named_bchw_legend_once():
+    rows, start = [], 1
+    for li, layer in enumerate(MCUNET):
+        for mode in range(4):
+            rows += _rows([10 * li + mode + 1, 10 * li + mode + 2], key=f"rank/{layer}/{mode}", start_id=start)
+            start += 2
+    fig = figures.ranks_figure(figures.metrics_frame(rows, label="hosvd #x"))
+    assert [a.text for a in fig.layout.annotations] == ["14.point_linear", "15.depth_conv",
+                                                        "16.inverted_bottleneck"]
+    assert len(fig.data) == 12
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert legend == ["B", "C", "H", "W"]  # the modes once, not 12 layer/mode names
+    w16 = next(t for t in fig.data if t.name == "W" and t.xaxis == "x3")
+    assert list(w16.y) == [24, 25] and w16.line.color == fig.data[3].line.color  # W: one colour everywhere
+    assert fig.layout.yaxis.type == "log" and list(fig.layout.yaxis.ticktext) == ["1", "2", "5", "10", "20",
+                                                                                  "50", "100"]
+    two = figures.ranks_figure(figures.metrics_frame(_rows([3, 4], key="rank/fc/0") + _rows(
+        [5, 6], key="rank/fc/1", start_id=5), label="lance #y"))
+    assert [t.name for t in two.data] == ["B", "F"]  # a linear input: (B, F)
+
+
+def test_log_ticks_powers_of_ten_without_minor_digits():
+    ticks, text = axes.log_ticks([300, 2e6], "B")
+    assert ticks == [100, 1e3, 1e4, 1e5, 1e6, 1e7]
+    assert text == ["100 B", "1 kB", "10 kB", "100 kB", "1 MB", "10 MB"]
+    assert axes.log_ticks([1.5e3, 9e4])[1] == ["1e3", "2e3", "5e3", "1e4", "2e4", "5e4", "1e5"]
+    assert axes.log_ticks([None, 0, float("nan")]) == ([], [])
+
+
+def test_one_colour_per_method_in_every_chart():
+    import pandas as pd
+
+    a = figures.metrics_frame(_rows([2.0, 1.0]) + _rows([100.0, 90.0], key="layer_activation_bytes", start_id=5)
+                              + [{"id": 20, "step": 1, "epoch": 0, "split": "val", "task": None, "key": "acc",
+                                  "value": 61.0}] + _rows([40.0, 50.0], key="acc", start_id=30),
+                              label="asi #a", run_id="a")
+    b = figures.metrics_frame(_rows([2.5, 1.5]) + _rows([4e3, 4e3], key="layer_activation_bytes", start_id=5),
+                              label="lance #b", run_id="b")
+    df = pd.concat([a, b])
+    loss = figures.metric_figure(df, "loss", split="train")
+    memory = figures.memory_figure(df)
+    acc = figures.add_val_markers(figures.metric_figure(df, "acc", split="train"), df)
+    results = {"sweep": {"x_metric": "peak_layer_activation_bytes"}, "front": {"asi": ["k"]}, "configurations": [
+        {"method": "asi", "config_key": "k", "label": "asi", "seeds": [0], "on_front": True,
+         "metrics": {"peak_layer_activation_bytes": {"mean": 100.0, "std": 0.0}, "accuracy": {"mean": 60.0,
+                                                                                             "std": 1.0}}}]}
+    front = sweep_view.front_figure(results)
+    asi = axes.METHOD_COLOURS["asi"]
+    assert loss.data[0].line.color == memory.data[0].line.color == front.data[0].marker.color == asi
+    assert loss.data[1].line.color == memory.data[1].line.color == axes.METHOD_COLOURS["lance"] != asi
+    val = [t for t in acc.data if t.name == "asi #a (val)"]
+    assert len(val) == 1 and val[0].marker.color == asi and list(val[0].y) == [61.0]  # the method's colour
+    assert memory.layout.yaxis.ticktext[0] == "10 B" and "minor" in memory.layout.yaxis.to_plotly_json()
+    second = figures.metric_figure(pd.concat([a, figures.metrics_frame(_rows([3.0]), label="asi #c")]), "loss")
+    assert [t.line.dash for t in second.data] == ["solid", "dash"]  # a second asi run: same colour, dashed
+
+
+def test_task_axes_have_whole_number_ticks():
+    rows = [{"id": i, "step": i, "epoch": None, "split": "task", "task": i, "key": "ACC", "value": 90.0 - i}
+            for i in range(5)]
+    fig = figures.metric_figure(figures.metrics_frame(rows, label="gpm #g"), "ACC", split="task", x="task")
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == "d"
+    assert figures.is_empty(figures.metric_figure(figures.metrics_frame([]), "ACC"))
+    assert not figures.is_empty(fig)
 
 
 def test_energy_figure_normalised_and_cumulative():
@@ -46,6 +116,9 @@ def test_energy_figure_normalised_and_cumulative():
     cum = figures.energy_figure({"C": e, "H": [0.5, 0.5]}, cumulative=True, eps_marks=[0.8])
     assert np.allclose(cum.data[0].y, [0.9, 1.0, 1.0]) and np.allclose(cum.data[1].y, [0.5, 1.0])
     assert len(cum.layout.shapes) == 1 and cum.layout.shapes[0].y0 == 0.8
+    assert [a.text for a in cum.layout.annotations] == ["ε 0.8"]  # the dashed line says which ε it is
+    assert cum.layout.shapes[0].line.dash == "dash"
+    assert [t.line.color for t in cum.data] == [axes.MODE_COLOURS["C"], axes.MODE_COLOURS["H"]]
     assert not hasattr(figures, "rank_for_energy")  # ranks come from the engine's one rule (engine.spectra)
 
 
@@ -125,3 +198,79 @@ def test_memory_figure_layer_region_and_peak_per_run_one_colour_each():
     assert figures.run_peaks(tasks) == {"layer": 7.0, "region": None, "step peak": None}
     cl = figures.memory_figure(tasks, split="task", x="task", keys=figures.CONTINUAL_MEMORY_KEYS)
     assert [list(t.x) for t in cl.data] == [[0, 1]] and [list(t.y) for t in cl.data] == [[7.0, 3.0]]
+
+
+def _task_rows(matrix, peaks):
+    rows = []
+    for i, row in enumerate(matrix):
+        rows += [{"step": i, "epoch": None, "split": "task", "task": i, "key": f"acc/{j}", "value": v}
+                 for j, v in enumerate(row)]
+        rows += [{"step": i, "epoch": None, "split": "task", "task": i, "key": "ACC", "value": sum(row) / len(row)},
+                 {"step": i, "epoch": None, "split": "task", "task": i, "key": "BWT",
+                  "value": sum(row[j] - matrix[j][j] for j in range(i)) / max(1, i)},
+                 {"step": i, "epoch": None, "split": "task", "task": i, "key": "peak_layer_activation_bytes",
+                  "value": peaks[i]}]
+    return rows
+
+
+def test_continual_side_by_side_table_matrices_and_tasks():
+    runs = [{"id": "r-lance1", "method": "lance", "status": "completed"},
+            {"id": "r-gpm222", "method": "gpm", "status": "running"}]
+    frames = {"r-lance1": figures.metrics_frame(_task_rows([[90.0], [80.0, 95.0], [70.0, 90.0, 96.0]],
+                                                           [1000.0, 800.0, 700.0]), label="lance #lance1"),
+              "r-gpm222": figures.metrics_frame(_task_rows([[92.0], [91.0, 97.0]], [12000.0, 12000.0]),
+                                                label="gpm #gpm222")}
+    table = continual_view.summary_frame(runs, frames, n_tasks=3)
+    assert table["tasks done"].tolist() == ["3/3", "2/3"]
+    assert table["ACC %"].tolist() == pytest.approx([(70 + 90 + 96) / 3, 94.0])
+    assert table["BWT"].tolist() == pytest.approx([((70 - 90) + (90 - 95)) / 2, -1.0])
+    assert table["peak layer bytes"].tolist() == [1000.0, 12000.0]  # the max over the tasks, not the last
+    assert table["layer bytes vs largest"].tolist() == ["1/12.0×", "1×"]
+    mats = continual_view.matrices_figure(runs, frames)
+    assert [t.type for t in mats.data] == ["heatmap", "heatmap"] and mats.data[1].xaxis == "x2"  # one row
+    assert mats.data[0].z[2] == (70.0, 90.0, 96.0) or list(mats.data[0].z[2]) == [70.0, 90.0, 96.0]
+    assert list(mats.data[1].z[2]) == [None, None, None] and list(mats.data[1].z[1]) == [91.0, 97.0, None]
+    assert [mats.data[0].zmin, mats.data[0].zmax] == [0, 100] and mats.data[0].showscale is False
+    tasks = continual_view.tasks_figure(runs, frames)
+    by_panel = {(t.legendgroup, t.xaxis): list(t.y) for t in tasks.data}
+    assert by_panel[("lance #lance1", "x")] == pytest.approx([90.0, 87.5, 256 / 3])  # ACC after each task
+    assert by_panel[("lance #lance1", "x2")] == [90.0, 80.0, 70.0]  # task 0 as tasks are learned
+    assert by_panel[("gpm #gpm222", "x3")] == [97.0]
+    assert {t.line.color for t in tasks.data if t.legendgroup == "gpm #gpm222"} == {axes.METHOD_COLOURS["gpm"]}
+    assert tasks.layout.xaxis.dtick == 1
+
+
+def test_runs_table_method_options_fallback_and_scatter():
+    from lance_app.runs_table import fallback_values, scatter_figure
+
+    runs = [{"id": "ft-h", "kind": "finetune", "method": "hosvd", "status": "completed",
+             "config": {"method_options": {"method": "hosvd", "eps": 0.8}, "lr": 0.05},
+             "summary": {"val_acc": 60.0, "layer_activation_bytes": 3e4}},
+            {"id": "ft-v", "kind": "finetune", "method": "vanilla", "status": "interrupted",
+             "config": {"method_options": {"method": "vanilla"}}, "summary": None},
+            {"id": "cl-l", "kind": "continual", "method": "lance", "status": "completed",
+             "config": {"training": {"eps": 0.3, "eps_cl": 0.97, "lr": 0.01, "basis_samples": 125}},
+             "summary": {"acc": 80.0, "bwt": -1.5, "peak_layer_activation_bytes": 2e5}},
+            {"id": "cl-f", "kind": "continual", "method": "finetune", "status": "completed",
+             "config": {"training": {"eps": 0.3, "eps_cl": 0.97}},
+             "summary": {"acc": 60.0, "bwt": -30.0, "peak_layer_activation_bytes": 2e6}}]
+
+    class Store:  # the two metric rows the fallback asks for (the real store is used by the page tests)
+        def metrics(self, run_id, key=None, split=None):
+            return [{"value": 55.0}, {"value": 71.5}] if (run_id, key, split) == ("ft-v", "acc", "val") else []
+
+    fallback = fallback_values(Store(), runs)
+    assert fallback == {"ft-v": {"val_acc": 71.5}}
+    table = runs_frame(runs, fallback).set_index("id")
+    assert table.loc["ft-v", "val_acc"] == 71.5  # an interrupted run: its newest val row, not None
+    assert table.loc["ft-h", "options"] == "eps=0.8" and table.loc["ft-v", "options"] == ""
+    assert table.loc["cl-l", "options"] == "eps=0.3, eps_cl=0.97"  # lance's own; lr is everyone's
+    assert table.loc["cl-f", "options"] == ""
+    assert table.loc["cl-l", "ACC"] == 80.0 and table.loc["cl-f", "BWT"] == -30.0
+    assert table.loc["cl-l", "layer bytes"] == 2e5 and table.loc["ft-h", "layer bytes"] == 3e4
+    fig, missing = scatter_figure(runs_frame(runs, fallback))
+    points = {t.name: (list(t.x), list(t.y)) for t in fig.data}
+    assert points == {"hosvd": ([3e4], [60.0]), "lance": ([2e5], [80.0]), "finetune": ([2e6], [60.0])}
+    assert missing == ["vanilla #ft-v"]  # no measured bytes (no summary)
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.ticktext[0] == "10 kB"
+    assert {t.name: t.marker.color for t in fig.data}["lance"] == axes.METHOD_COLOURS["lance"]

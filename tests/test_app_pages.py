@@ -257,8 +257,10 @@ def test_continual_page_draws_matrix_tiles_and_usage():
               for t in figs["measured memory per task: layer, region, step peak"]["data"]}
     assert memory == {"layer": [62_669.0, 47_309.0], "region": [2_048.0, 3_072.0],
                       "step peak": [1_048_576.0, 1_048_576.0]}, memory
-    z = figs["accuracy matrix R[i, j] (%)"]["data"][0]["z"]
+    z = figs["accuracy matrices R[i, j] (%), all methods"]["data"][0]["z"]
     assert z == [[95.0, None], [90.0, 93.0]]
+    table = at.dataframe[0].value
+    assert table["ACC %"].tolist() == [91.5] and table["peak layer bytes"].tolist() == [62_669.0]
     usage = figs["subspace usage per layer"]["data"][0]
     assert usage["x"] == [0, 1] and usage["y"] == pytest.approx([0.2, 0.4])
     assert at.selectbox(key="cl_benchmark").value.value == "split-digits"
