@@ -58,6 +58,7 @@ class _CompressedOp(torch.autograd.Function):
                 grad_weight = exact_weight_grad(layer, tensors[0], grad_output).to(weight.dtype)
             else:
                 grad_weight = layer.method.weight_grad(layer, tensors, ctx.meta, grad_output).to(weight.dtype)
+            grad_weight = layer.method.constrain_weight_grad(layer, grad_weight, ctx.meta)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dims = [0, 2, 3] if layer.kind == "conv" else list(range(grad_output.dim() - 1))
             grad_bias = grad_output.sum(dim=dims)

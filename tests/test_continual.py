@@ -9,10 +9,12 @@ from torch.utils.data import TensorDataset
 
 from engine import SavedBytesMeter
 from engine.continual.basis import extend_basis, plain_factor, residual_factor
-from engine.continual.layers import CLConv2d, CLLinear
 from engine.continual.learner import ContinualConfig, ContinualLearner
 from engine.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
 from engine.continual.runner import Task, run_sequence
+from engine.layers import CompressedLayer, _CompressedOp
+from engine.methods import make_method
+from engine.methods.protected import ProtectedLANCE, feature_rows
 from engine.spectra import rank_for_energy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,67 +115,155 @@ def test_extend_basis_gpm_rule_and_residual_factor():
 
 
 # ------------------------------------------------------------------ the compressed gradient
+def protected_layer(module: nn.Module, mode: str = "lance", name: str = "layer", **options) -> CompressedLayer:
+    """The engine's compressed layer running the continual method (as ``prepare_model`` builds it)."""
+    return CompressedLayer(module, make_method("protected", name, {"mode": mode, **options}), name=name)
+
+
+def direct_conv_weight_grad(conv: nn.Conv2d, x, g, u, u_h=None, u_w=None):
+    """dW from the explicitly rebuilt im2col patches: Â = patches ×_F U Uᵀ [×_H U_H U_Hᵀ ×_W U_W U_Wᵀ]."""
+    b, _, h_out, w_out = g.shape
+    patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, D, L)
+    a = patches.reshape(b, -1, h_out, w_out)
+    a = torch.einsum("bdhw,de,fe->bfhw", a, u, u)
+    if u_h is not None:
+        a = torch.einsum("bdhw,hi,ki->bdkw", a, u_h, u_h)
+    if u_w is not None:
+        a = torch.einsum("bdhw,wi,ki->bdhk", a, u_w, u_w)
+    return torch.einsum("bohw,bdhw->od", g, a).reshape(conv.weight.shape)
+
+
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, (1, 0), 1), (1, 2, 2)])
-def test_lance_conv_gradient_full_rank_equals_autograd_and_lies_in_span(stride, padding, dilation):
+def test_lance_conv_core_at_full_rank_equals_autograd(stride, padding, dilation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(3, 4, 11, 10)
+    ref_out = conv(x)
+    g = torch.randn_like(ref_out)
+    ref_out.backward(g)
+    layer = protected_layer(conv)
+    d = conv.weight[0].numel()
+    ProtectedLANCE.set_factors(layer, torch.eye(d), torch.eye(ref_out.shape[2]), torch.eye(ref_out.shape[3]))
+    stash = layer.method.core_stash(layer, x)  # full rank: larger than x, so compress itself would keep x
+    assert stash.tensors[0].shape == (3, d, ref_out.shape[2], ref_out.shape[3])
+    dw = layer.method.weight_grad(layer, stash.tensors, stash.meta, g)
+    assert float((dw - conv.weight.grad).norm() / conv.weight.grad.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, (1, 0), 1), (1, 2, 2)])
+def test_lance_conv_gradient_low_rank_matches_direct_computation_and_lies_in_span(stride, padding, dilation):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, dilation=dilation)
     x = torch.randn(3, 4, 11, 10, requires_grad=True)
     ref_out = conv(x)
     g = torch.randn_like(ref_out)
     ref_out.backward(g)
-    ref = (conv.weight.grad.clone(), conv.bias.grad.clone(), x.grad.clone())
-    layer = CLConv2d.from_conv(conv)
-    layer.storage = "lance"
-    d = layer.feature_dim
-    layer.set_factors(torch.eye(d), torch.eye(ref_out.shape[2]), torch.eye(ref_out.shape[3]))
+    ref_bias, ref_x = conv.bias.grad.clone(), x.grad.clone()
+    layer = protected_layer(conv)
+    d, h_out, w_out = conv.weight[0].numel(), ref_out.shape[2], ref_out.shape[3]
+    u = torch.linalg.qr(torch.randn(d, 5))[0]
+    u_h, u_w = torch.linalg.qr(torch.randn(h_out, 3))[0], torch.linalg.qr(torch.randn(w_out, 2))[0]
+    ProtectedLANCE.set_factors(layer, u, u_h, u_w)
     conv.weight.grad = conv.bias.grad = x.grad = None
-    out = layer(x)
-    assert torch.equal(out, ref_out.detach()) or torch.allclose(out, ref_out, atol=1e-6)
+    with SavedBytesMeter(layer) as meter:
+        out = layer(x)
+    assert torch.allclose(out, ref_out, atol=1e-6)  # forward exact
+    assert layer.last_stats["stored"] == "compressed"
+    assert meter.layer_activation_bytes == 4 * (3 * 5 * 3 * 2 + d * 5 + h_out * 3 + w_out * 2)  # core + factors
     out.backward(g)
-    rel = (conv.weight.grad - ref[0]).norm() / ref[0].norm()
-    assert float(rel) < 1e-5
-    assert torch.allclose(conv.bias.grad, ref[1], atol=1e-5)
-    assert torch.allclose(x.grad, ref[2], atol=1e-5)
-    # low rank: the weight update lies in span(U_F)
-    q, _ = torch.linalg.qr(torch.randn(d, 5))
-    layer.set_factors(q)
-    conv.weight.grad = None
-    layer(x).backward(g)
+    expected = direct_conv_weight_grad(conv, x.detach(), g, u, u_h, u_w)
+    assert float((conv.weight.grad - expected).norm() / expected.norm()) < 1e-5
+    assert torch.allclose(conv.bias.grad, ref_bias, atol=1e-5)  # bias and input gradients exact
+    assert torch.allclose(x.grad, ref_x, atol=1e-5)
     flat = conv.weight.grad.reshape(6, -1)
-    assert float((flat - flat @ q @ q.T).norm() / flat.norm()) < 1e-5
+    assert float((flat - flat @ u @ u.T).norm() / flat.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [(1, 2, 1), (2, 3, 1), (2, 3, 2)])
+def test_compressed_conv_function_passes_gradcheck(kernel, stride, dilation):
+    """fp64 gradcheck of the engine's Function running the protected method on its core path (at full rank
+    the core of these strided convs is smaller than the input, so the compressed stash is what is kept)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=1, dilation=dilation).double()
+    layer = protected_layer(conv)
+    x = torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    h_out, w_out = conv(x).shape[2:]
+    ProtectedLANCE.set_factors(layer, torch.eye(conv.weight[0].numel()), torch.eye(h_out), torch.eye(w_out))
+    layer(x)
+    assert layer.last_stats["stored"] == "compressed"
+    assert torch.autograd.gradcheck(lambda inp, w, b: _CompressedOp.apply(inp, w, b, layer),
+                                    (x, conv.weight, conv.bias))
 
 
 def test_lance_linear_gradient_3d_input_and_saved_size():
     torch.manual_seed(0)
-    lin = nn.Linear(10, 7)
+    lin = nn.Linear(10, 7).double()
     x = torch.randn(4, 5, 10, dtype=torch.float64, requires_grad=True)
-    lin = lin.double()
-    layer = CLLinear.from_linear(lin)
-    layer.storage = "lance"
-    layer.set_factors(torch.eye(10))
-    layer.u_feat = layer.u_feat.double()
-    # the layer's own autograd Function: its input gradient against finite differences
-    assert torch.autograd.gradcheck(layer, (x,))
+    layer = protected_layer(lin)
+    q = torch.linalg.qr(torch.randn(10, 2, dtype=torch.float64))[0]
+    layer.method.set_factors(layer, q)
+    layer._buffers["u_feat"] = q  # fp64 factor for the gradcheck
+    # rank 2 of 10 on 20 rows: the core path; dW = G^T (A U) U^T, the exact gradient restricted to span(U_F)
     out = layer(x)
+    assert layer.last_stats["stored"] == "compressed"
     g = torch.randn_like(out)
     out.backward(g)
-    gw = lin.weight.grad.clone()
-    lin.weight.grad = None
-    F.linear(x, lin.weight, lin.bias).backward(g)
-    assert torch.allclose(gw, lin.weight.grad, atol=1e-10)
-    # what autograd keeps for a rank-2 factor: (N, 2) instead of (N, 10)
-    layer.set_factors(torch.linalg.qr(torch.randn(10, 2))[0])
+    exact = g.reshape(-1, 7).T @ x.detach().reshape(-1, 10)
+    assert torch.allclose(lin.weight.grad, exact @ q @ q.T, atol=1e-10)
+    assert torch.autograd.gradcheck(layer, (x,))  # the engine's Function: input gradient exact
+    # what autograd keeps for a rank-2 factor: (N, 2) + the factor instead of (N, 10)
     lin.float()
-    layer.u_feat = layer.u_feat.float()
+    layer.method.set_factors(layer, torch.linalg.qr(torch.randn(10, 2))[0])
     xf = torch.randn(64, 10)
     with SavedBytesMeter(layer) as meter:
         layer(xf).sum()
-    # the core and the factor backward reads (counted as fine-tune LANCE counts its factors)
     assert meter.layer_activation_bytes == 64 * 2 * 4 + 10 * 2 * 4
-    layer.storage = "full"
+    layer.method.mode = "full"
     with SavedBytesMeter(layer) as meter:
         layer(xf).sum()
     assert meter.layer_activation_bytes == 64 * 10 * 4
+
+
+def test_gpm_projection_in_backward_matches_direct_computation():
+    """GPM (mode full, project): dW - dW P P^T, computed in the layer's backward; heads (unprotected) and
+    finetune (no project) get the exact gradient."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(5, 3, 7, 7)
+    ref = conv(x)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    exact = conv.weight.grad.reshape(4, -1).clone()
+    p = torch.linalg.qr(torch.randn(27, 6))[0]
+    for protected, project, expected in ((True, True, exact - exact @ p @ p.T), (False, True, exact),
+                                         (True, False, exact)):
+        layer = protected_layer(conv, mode="full", protected=protected, project=project)
+        ProtectedLANCE.set_basis(layer, p)
+        conv.weight.grad = None
+        layer(x).backward(g)
+        assert torch.allclose(conv.weight.grad.reshape(4, -1), expected, atol=1e-5), (protected, project)
+    # the last layer built is the GPM one: its update is orthogonal to every protected direction
+    layer = protected_layer(conv, mode="full", project=True)
+    ProtectedLANCE.set_basis(layer, p)
+    conv.weight.grad = None
+    layer(x).backward(g)
+    assert float((conv.weight.grad.reshape(4, -1) @ p).abs().max()) < 1e-5
+
+
+def test_feature_rows_are_the_im2col_patches():
+    conv = nn.Conv2d(2, 3, (3, 2), stride=2, padding=(1, 0))
+    layer = protected_layer(conv)
+    x = torch.randn(2, 2, 7, 6)
+    rows = feature_rows(layer, x)
+    patches = F.unfold(x, (3, 2), 1, (1, 0), 2)
+    assert torch.equal(rows, patches.transpose(1, 2).reshape(-1, 12))
+    assert ProtectedLANCE.usage(layer) == 0.0
+
+
+def test_lance_mode_needs_calibrated_factors():
+    layer = protected_layer(nn.Linear(4, 2))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        layer(torch.randn(3, 4, requires_grad=True))
 
 
 # ------------------------------------------------------------------ protection of old tasks
@@ -201,7 +291,7 @@ def _train_two_tasks(method: str, compress_first_task: bool = True, recalibrate_
 def _layer_outputs(model, x, task):
     outs = {}
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o.clone()))
-               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, CompressedLayer))]
     outs["logits"] = model(x, task).clone()
     for h in handles:
         h.remove()
@@ -213,7 +303,7 @@ def test_old_task_outputs_do_not_move_with_protection(method, recalibrate_every)
     before, after, records, learner = _train_two_tasks(method, recalibrate_every=recalibrate_every)
     # task 1 did change the shared weights...
     assert records[1].usage["fc"] > 0
-    moved_weights = [n for n, l in learner.layers.items() if l.protected]
+    moved_weights = [n for n, l in learner.layers.items() if l.method.protected]
     assert moved_weights
     for name in ("conv1", "conv2", "fc", "logits"):
         scale = before[name].abs().max()
@@ -249,7 +339,7 @@ def test_recalibration_refits_factors_orthogonal_to_the_basis_every_n_epochs():
     seen = []  # (task, epoch, {layer: U_F after the epoch}, {layer: protected basis})
 
     def on_epoch_end(task, epoch, values):
-        seen.append((task, epoch, {n: l.u_feat.clone() for n, l in learner.layers.items()},
+        seen.append((task, epoch, {n: l.u_feat.clone() for n, l in learner.layers.items() if l.u_feat is not None},
                      {n: l.protected_basis.clone() for n, l in learner.layers.items()}))
 
     run_sequence(learner.model, digits_tasks(2, per_task_train=64), config, meter_factory=None,
@@ -316,33 +406,38 @@ def test_lance_stores_less_than_gpm():
 
 
 def test_layer_stores_input_when_core_would_be_larger_and_restricts_gradient():
+    """Never worse than raw, decided per step from shapes and ranks: a conv's patch space (D = C·kh·kw = 18)
+    is larger than its channel count (2), so a rank-9 core with whole spatial modes is 4.5x the input; the
+    input is kept and the exact gradient restricted to span(U_F) in backward. Small spatial factors make
+    the core smaller than the input: then the core is kept."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(2, 4, 3, padding=1)  # patch space D = 18 > C = 2: a rank-9 core is 4.5x the input
-    layer = CLConv2d.from_conv(conv, name="c")
-    layer.storage = "lance"
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    layer = protected_layer(conv, name="c")
     q, _ = torch.linalg.qr(torch.randn(18, 9))
-    layer.set_factors(q)
+    ProtectedLANCE.set_factors(layer, q)
     x = torch.randn(5, 2, 6, 6)
     with SavedBytesMeter(layer) as meter:
         out = layer(x)
-    assert meter.layer_activation_bytes == 5 * 9 * 6 * 6 * 4 + 18 * 9 * 4  # the core (B, r, H', W') + U_F
-    layer.store_input_instead = True
-    with SavedBytesMeter(layer) as meter:
-        out = layer(x)
-    assert meter.layer_activation_bytes == x.numel() * 4  # the input, smaller
+    assert layer.last_stats["stored"] == "raw"
+    assert meter.layer_activation_bytes == x.numel() * 4  # the input, smaller than 5*9*6*6 + 18*9 floats
     g = torch.randn_like(out)
     out.backward(g)
-    layer.restrict_weight_grad()
     conv2 = nn.Conv2d(2, 4, 3, padding=1)
     conv2.load_state_dict(conv.state_dict())
     conv2(x).backward(g)
     expected = (conv2.weight.grad.reshape(4, -1) @ q @ q.T).reshape(conv.weight.shape)
     assert torch.allclose(conv.weight.grad, expected, atol=1e-5)
+    u_h, u_w = torch.linalg.qr(torch.randn(6, 1))[0], torch.linalg.qr(torch.randn(6, 1))[0]
+    ProtectedLANCE.set_factors(layer, q[:, :2], u_h, u_w)
+    with SavedBytesMeter(layer) as meter:
+        layer(x)
+    assert layer.last_stats["stored"] == "compressed"
+    assert meter.layer_activation_bytes == 4 * (5 * 2 * 1 * 1 + 18 * 2 + 6 + 6)
 
 
 def test_one_byte_definition_factors_count_in_continual_as_in_finetune():
     """The same rank-r feature factor on the same input: fine-tune LANCE (engine.compress_model) and continual
-    LANCE (CLLinear) both count core + the factor backward reads as layer activation bytes."""
+    LANCE (the protected method) both count core + the factor backward reads as layer activation bytes."""
     import engine
 
     torch.manual_seed(0)
@@ -356,9 +451,8 @@ def test_one_byte_definition_factors_count_in_continual_as_in_finetune():
         model(x).sum()
     finetune_bytes = meter.layer_activation_bytes
     engine.restore_model(model)
-    layer = CLLinear.from_linear(nn.Linear(features, 5), name="fc")
-    layer.storage = "lance"
-    layer.set_factors(torch.linalg.qr(torch.randn(features, rank))[0])
+    layer = protected_layer(nn.Linear(features, 5), name="fc")
+    ProtectedLANCE.set_factors(layer, torch.linalg.qr(torch.randn(features, rank))[0])
     with SavedBytesMeter(layer) as meter:
         layer(x).sum()
     expected = 4 * (batch * rank + features * rank)  # core (B, r) + factor (F, r), float32
@@ -367,24 +461,21 @@ def test_one_byte_definition_factors_count_in_continual_as_in_finetune():
 
 
 def test_linear_stores_input_when_core_and_factor_would_be_larger_and_restricts_gradient():
-    """Never worse than the input for linear layers too: 4 rows of 16 features at rank 6 would save a
-    (4, 6) core + a (16, 6) factor = 120 floats > the 64-float input, so the input is saved and the
-    gradient is restricted to span(U_F) after backward (what the core would have given)."""
+    """Never worse than the input for linear layers too, at the batch size of the step: 4 rows of 16 features
+    at rank 6 would save a (4, 6) core + a (16, 6) factor = 120 floats > the 64-float input, so the input is
+    saved and the gradient is restricted to span(U_F) in backward; 64 rows keep the core (480 < 1024)."""
     torch.manual_seed(0)
     lin = nn.Linear(16, 3)
-    layer = CLLinear.from_linear(lin, name="fc")
-    layer.storage = "lance"
+    layer = protected_layer(lin, name="fc")
     q, _ = torch.linalg.qr(torch.randn(16, 6))
-    layer.set_factors(q)
+    ProtectedLANCE.set_factors(layer, q)
     x = torch.randn(4, 16)
-    with SavedBytesMeter(layer) as meter:
-        layer(x)
-    assert meter.layer_activation_bytes == (4 * 6 + 16 * 6) * 4
-    layer.store_input_instead = True
     with SavedBytesMeter(layer) as meter:
         out = layer(x)
     assert meter.layer_activation_bytes == x.numel() * 4
     g = torch.randn_like(out)
     out.backward(g)
-    layer.restrict_weight_grad()
     assert torch.allclose(lin.weight.grad, (g.T @ x) @ q @ q.T, atol=1e-5)
+    with SavedBytesMeter(layer) as meter:
+        layer(torch.randn(64, 16))
+    assert meter.layer_activation_bytes == (64 * 6 + 16 * 6) * 4

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine.cli import main
+from engine.methods.protected import ProtectedLANCE
 from engine.store import RunStore
 
 SMALL = ["--benchmark", "split-digits", "--backbone", "alexnet-cl", "--epochs", "1", "--limit-train", "24",
@@ -126,7 +127,7 @@ def test_real_alexnet_cl_old_task_logits_fixed_on_protected_methods(method, move
     records, learner = run_sequence(build_model(spec, tasks), tasks, spec.config_for(method), meter_factory=None,
                                     on_task_end=on_task_end)
     change = float((seen[1] - seen[0]).abs().max() / seen[0].abs().max())
-    trained = [n for n, l in learner.layers.items() if l.protected and l.usage() < 1.0]
+    trained = [n for n, l in learner.layers.items() if l.method.protected and ProtectedLANCE.usage(l) < 1.0]
     assert trained, "some shared layer must still be free to learn"
     if moves:
         assert change > 1e-2

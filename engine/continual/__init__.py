@@ -8,13 +8,12 @@
 ``engine.data.continual.task_splits``.
 """
 from .basis import extend_basis, plain_factor, residual_factor
-from .layers import CLConv2d, CLLinear
 from .learner import METHODS, ContinualConfig, ContinualLearner, prepare_model
 from .metrics import average_accuracy, backward_transfer, forgetting, summarize
 from .runner import Task, TaskRecord, run_sequence, task_rows
 
 __all__ = [
-    "METHODS", "CLConv2d", "CLLinear", "ContinualConfig", "ContinualLearner", "Task", "TaskRecord",
+    "METHODS", "ContinualConfig", "ContinualLearner", "Task", "TaskRecord",
     "average_accuracy", "backward_transfer", "extend_basis", "forgetting", "plain_factor", "prepare_model",
     "residual_factor", "run_sequence", "summarize", "task_rows",
 ]

@@ -1,13 +1,15 @@
 """One continual learner: LANCE (orthogonal compressed subspaces), GPM, or plain fine-tuning.
 
 The model is any multi-head network with ``forward(x, task)`` and a ``heads`` container (one classifier
-per task). :func:`prepare_model` swaps every ``nn.Conv2d``/``nn.Linear`` for a :class:`CLConv2d` /
-:class:`CLLinear` sharing its Parameters; head layers are marked unprotected.
+per task). :func:`prepare_model` swaps every ``nn.Conv2d``/``nn.Linear`` for the engine's one compressed
+layer (:class:`engine.layers.CompressedLayer`, sharing its Parameters) running the protected method
+(:class:`engine.methods.protected.ProtectedLANCE`); head layers are marked unprotected. The method holds
+the protected basis and the calibrated factors as layer buffers and applies each method's rule in backward.
 
 Rules that keep old tasks' outputs fixed (``lance`` and ``gpm``, tasks ``t >= 1``):
 
-* protected conv/linear weights move only orthogonally to ``span(P)`` (GPM: gradient projected;
-  LANCE: the compressed gradient already lies in ``span(U_F)``, ``U_F ⊥ P``);
+* protected conv/linear weights move only orthogonally to ``span(P)`` (GPM: gradient projected in
+  backward; LANCE: the compressed gradient already lies in ``span(U_F)``, ``U_F ⊥ P``);
 * every other shared parameter — conv/linear biases, BatchNorm affine parameters — trains in task 0
   only, and BatchNorm layers are switched to eval mode (running statistics frozen) after task 0;
 * old heads never receive a gradient (the loss only involves head ``t``).
@@ -22,10 +24,11 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from engine.layers import CompressedLayer
+from engine.methods.protected import ProtectedLANCE, feature_rows, project_patches
 from engine.spectra import GramAccumulator
 
 from .basis import extend_basis, plain_factor, residual_factor
-from .layers import CLConv2d, CLLinear
 
 METHODS = ("lance", "gpm", "finetune")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
@@ -104,28 +107,32 @@ def _head_module_names(model: nn.Module) -> set[str]:
     return names
 
 
-def prepare_model(model: nn.Module) -> dict[str, nn.Module]:
-    """Swap every conv/linear for its CL version in place; returns ``{name: layer}`` in definition order."""
+def prepare_model(model: nn.Module) -> dict[str, CompressedLayer]:
+    """Swap every conv/linear for a :class:`CompressedLayer` running :class:`ProtectedLANCE`, in place;
+    returns ``{name: layer}`` in definition order (heads unprotected)."""
     heads = _head_module_names(model)
-    layers: dict[str, nn.Module] = {}
+    layers: dict[str, CompressedLayer] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, (CLConv2d, CLLinear)):
+        if isinstance(module, CompressedLayer):
+            if not isinstance(module.method, ProtectedLANCE):
+                raise ValueError(f"{name} is compressed with {module.method.name!r}; continual learning needs "
+                                 "a plain model (it compresses every conv/linear itself)")
             layers[name] = module
             continue
         if type(module) is nn.Conv2d:
-            new = CLConv2d.from_conv(module, protected=name not in heads, name=name)
-        elif type(module) is nn.Linear:
-            new = CLLinear.from_linear(module, protected=name not in heads, name=name)
-        else:
+            if module.groups != 1:
+                raise ValueError(f"continual-learning layers support groups=1 convs only, got groups={module.groups} "
+                                 f"at {name}")
+        elif type(module) is not nn.Linear:
             continue
+        new = CompressedLayer(module, ProtectedLANCE(name, protected=name not in heads), name=name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
         layers[name] = new
-    if not any(layer.protected for layer in layers.values()):
+    if not any(layer.method.protected for layer in layers.values()):
         raise ValueError("the model has no conv/linear layer outside its heads: nothing to learn continually")
     return layers
-
 
 
 def _inputs(batch) -> torch.Tensor:
@@ -133,11 +140,11 @@ def _inputs(batch) -> torch.Tensor:
 
 
 class _FeatureGrams:
-    """Forward hooks that accumulate each CL layer's feature Gram (float64, ``(D, D)``) in an
+    """Forward hooks that accumulate each layer's feature Gram (float64, ``(D, D)``) in an
     :class:`engine.spectra.GramAccumulator` (the mean ``Σ x xᵀ / N`` over feature rows; ranks and bases
     depend only on its spectrum's shape)."""
 
-    def __init__(self, layers: dict[str, nn.Module], dtype: torch.dtype = torch.float64):
+    def __init__(self, layers: dict[str, CompressedLayer], dtype: torch.dtype = torch.float64):
         self.layers = layers
         self.dtype = dtype  # of the per-batch product; the sum is kept in float64
         self.grams: dict[str, GramAccumulator] = {}
@@ -154,7 +161,7 @@ class _FeatureGrams:
     def _hook(self, name: str):
         def hook(module, args, output):
             self.shapes[name] = (args[0][0].numel(), tuple(output.shape[1:]))
-            feats = module.unfold_features(args[0].detach()).to(self.dtype)  # (N, D)
+            feats = feature_rows(module, args[0].detach()).to(self.dtype)  # (N, D)
             n_rows = self.rows.get(name, 0) + feats.shape[0]
             self.rows[name] = n_rows
             if n_rows <= feats.shape[1] and name not in self.grams:
@@ -184,7 +191,7 @@ class _SpatialGrams:
     """Forward hooks on convs: mode-H and mode-W mean Grams (:class:`engine.spectra.GramAccumulator`) of the
     feature-projected patches ``(B, r, H', W')``: ``h[name]`` ``(H', H')``, ``w[name]`` ``(W', W')``."""
 
-    def __init__(self, layers: dict[str, CLConv2d]):
+    def __init__(self, layers: dict[str, CompressedLayer]):
         self.layers = layers
         self.accs: dict[str, GramAccumulator] = {}
         self._handles = []
@@ -196,11 +203,7 @@ class _SpatialGrams:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach()
-            u = module.u_feat
-            c_in, (kh, kw) = module.in_channels, module.kernel_size
-            filters = u.t().reshape(u.shape[1], c_in, kh, kw)
-            core = torch.nn.functional.conv2d(x, filters, None, module.stride, module.padding, module.dilation).double()
+            core = project_patches(module, args[0].detach(), module.u_feat).double()
             self.accs.setdefault(name, GramAccumulator(batch_spectrum=False)).update(core)
         return hook
 
@@ -237,10 +240,11 @@ class ContinualLearner:
         return name.startswith(f"heads.{task}.")
 
     def configure_task(self, task: int) -> list[nn.Parameter]:
-        """Set ``requires_grad``, BatchNorm modes and storage for training ``task``; returns trainable params."""
+        """Set ``requires_grad``, BatchNorm modes and each layer's method mode for training ``task``; returns
+        the trainable parameters."""
         model = self.model
         trainable = []
-        protected_weights = {id(l.weight) for l in self.layers.values() if l.protected}
+        protected_weights = {id(l.weight) for l in self.layers.values() if l.method.protected}
         for name, p in model.named_parameters():
             if name.startswith("heads."):
                 train = self._is_head_param(name, task)
@@ -253,9 +257,8 @@ class ContinualLearner:
                 trainable.append(p)
         compress = self.config.method == "lance" and (task > 0 or self.config.compress_first_task)
         for layer in self.layers.values():
-            layer.storage = "lance" if compress else "full"
-            if not compress:
-                layer.store_input_instead = False
+            layer.method.mode = "lance" if compress else "full"
+            layer.method.project = self.config.method == "gpm"  # GPM: dW - dW P Pᵀ in backward
         return trainable
 
     def train_mode(self, task: int) -> None:
@@ -283,37 +286,26 @@ class ContinualLearner:
                 self.model(_inputs(batch).to(self.device), task)
         for name in grams.names():
             layer = self.layers[name]
-            basis = layer.protected_basis.cpu() if layer.protected else None
+            protected = layer.method.protected
+            basis = layer.protected_basis.cpu() if protected else None
             data = grams.spectrum_input(name)
-            layer.set_factors(residual_factor(data["gram"], basis, cfg.eps_for(task, layer.protected)[0],
-                                              rows=data["rows"]))
-        convs = {n: l for n, l in self.layers.items() if isinstance(l, CLConv2d) and n in grams.names()}
+            ProtectedLANCE.set_factors(layer, residual_factor(data["gram"], basis, cfg.eps_for(task, protected)[0],
+                                                              rows=data["rows"]))
+        convs = {n: l for n, l in self.layers.items() if l.kind == "conv" and n in grams.names()}
         if cfg.spatial_eps is not None and convs:
             with _SpatialGrams({n: l for n, l in convs.items() if l.u_feat.shape[1] > 0}) as spatial:
                 for batch in batches:
                     self.model(_inputs(batch).to(self.device), task)
             for name, layer in convs.items():
                 if name in spatial.h:
-                    eps_spatial = cfg.eps_for(task, layer.protected)[1]
-                    layer.set_factors(layer.u_feat, plain_factor(spatial.h[name].cpu(), eps_spatial),
-                                      plain_factor(spatial.w[name].cpu(), eps_spatial))
-        for name in grams.names():
-            # never worse than the input: the core of a training batch + the factors it saves, against the
-            # input (then the layer stores its input and restricts its gradient to span(U_F) after backward)
-            layer = self.layers[name]
-            in_numel, out_shape = grams.shapes[name]
-            if name in convs:
-                _, h_out, w_out = out_shape
-                r_h = layer.u_h.shape[1] if layer.u_h.numel() else h_out
-                r_w = layer.u_w.shape[1] if layer.u_w.numel() else w_out
-                core = layer.u_feat.shape[1] * r_h * r_w           # per sample
-            else:
-                core = layer.u_feat.shape[1] * (in_numel // layer.in_features)  # rows per sample × r
-            factors = layer.u_feat.numel() + layer.u_h.numel() + layer.u_w.numel()
-            layer.store_input_instead = cfg.batch_size * core + factors >= cfg.batch_size * in_numel
+                    eps_spatial = cfg.eps_for(task, layer.method.protected)[1]
+                    ProtectedLANCE.set_factors(layer, layer.u_feat, plain_factor(spatial.h[name].cpu(), eps_spatial),
+                                               plain_factor(spatial.w[name].cpu(), eps_spatial))
+        # never worse than the input: each training step the method keeps the input instead of core + factors
+        # where those would not be smaller at that batch size, and restricts the gradient to span(U_F)
         self._restore_bn(bn_state)
         self.model.train(was_training)
-        return {n: self.layers[n].compressed_ranks() for n in grams.names()}
+        return {n: ProtectedLANCE.ranks(self.layers[n]) for n in grams.names()}
 
     def _forward_as_in_training(self, task: int) -> dict:
         """Put the model in the mode ``task`` trains in (BatchNorm as in training, dropout off).
@@ -336,19 +328,6 @@ class ContinualLearner:
             for k, v in buffers.items():
                 getattr(m, k).copy_(v)
 
-    # ---- one optimisation step ---------------------------------------------------------------
-    def after_backward(self) -> None:
-        """GPM: project every protected weight gradient off P. LANCE: restrict the gradient of layers
-        that stored their input (core would have been larger) to span(U_F). finetune: nothing."""
-        if self.config.method == "gpm":
-            for layer in self.layers.values():
-                if layer.protected:
-                    layer.project_weight_grad()
-        elif self.config.method == "lance":
-            for layer in self.layers.values():
-                if layer.storage == "lance" and layer.store_input_instead:
-                    layer.restrict_weight_grad()
-
     # ---- protected basis (after a task) --------------------------------------------------------
     @torch.no_grad()
     def extend_bases(self, task: int, batches: Iterable) -> dict[str, dict]:
@@ -357,7 +336,7 @@ class ContinualLearner:
             return {}
         was_training = self.model.training
         self.model.eval()
-        protected = {n: l for n, l in self.layers.items() if l.protected}
+        protected = {n: l for n, l in self.layers.items() if l.method.protected}
         with _FeatureGrams(protected) as grams:
             for batch in batches:
                 self.model(_inputs(batch).to(self.device), task)
@@ -367,13 +346,13 @@ class ContinualLearner:
             layer = protected[name]
             data = grams.spectrum_input(name)
             new, info[name] = extend_basis(layer.protected_basis.cpu(), data["gram"], eps_cl, rows=data["rows"])
-            layer.set_basis(new)
+            ProtectedLANCE.set_basis(layer, new)
         self.model.train(was_training)
         return info
 
     def usage(self) -> dict[str, float]:
         """``rank(P) / D`` per protected layer."""
-        return {n: l.usage() for n, l in self.layers.items() if l.protected}
+        return {n: ProtectedLANCE.usage(l) for n, l in self.layers.items() if l.method.protected}
 
     @torch.no_grad()
     def evaluate(self, task: int, batches: Iterable) -> float:

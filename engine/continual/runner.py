@@ -187,7 +187,6 @@ def run_sequence(
                     step_peak = getattr(meter, "peak_memory_bytes", None)
                     if step_peak is not None:
                         peak_memory = max(peak_memory or 0, int(step_peak))
-                learner.after_backward()
                 optimizer.step()
                 step += 1
                 ep_loss += loss_value * y.numel()

@@ -24,7 +24,7 @@ from engine.train.faults import explain_failure
 from .learner import ContinualConfig, ContinualLearner
 from .runner import SampledStepMeters, TaskRecord, peak_over, run_sequence, task_rows
 
-CHECKPOINT_VERSION = 2  # 2: tensors and plain data only (weights_only=True)
+CHECKPOINT_VERSION = 3  # 2: tensors and plain data only (weights_only=True); 3: engine CompressedLayer state
 CHECKPOINT_FORMAT = "lance-continual"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 
 from engine.methods.base import Method, Stash
+from engine.methods.protected import ProtectedLANCE
 from engine.methods.simple import GradientFilter, Vanilla
 from engine.methods.tucker import ASI, HOSVD, LANCE
 
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "hosvd": HOSVD,
     "asi": ASI,
     "lance": LANCE,
+    "protected": ProtectedLANCE,  # continual learning (engine.continual): LANCE with a protected subspace
 }
 
 

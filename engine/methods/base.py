@@ -103,6 +103,11 @@ class Method:
                     grad_output: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def constrain_weight_grad(self, layer: "CompressedLayer", grad_weight: Tensor, meta: dict) -> Tensor:
+        """Where the weight may move, applied to every weight gradient (raw stash included): unchanged here;
+        projected off the protected subspace by :class:`engine.methods.protected.ProtectedLANCE`."""
+        return grad_weight
+
     def input_grad(self, layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict, grad_output: Tensor,
                    weight: Tensor, input_shape: torch.Size) -> Tensor:
         return layer.exact_input_grad(grad_output, weight, input_shape)
