@@ -30,6 +30,9 @@ energies = {m["mode"]: m["energy"] for m in spec["modes"]}
 st.plotly_chart(figures.energy_figure(energies, cumulative=cumulative, eps_marks=eps_grid if cumulative else (),
                                       title=f"{layer} · input {tuple(spec['input_shape'])}"),
                 key="spectra_energy")
+st.caption("Modes: **B** batch (samples), **C** channels, **H**/**W** height/width of a conv input "
+           "(a linear input: **B**, **F** features). Each dashed line marks an ε, the share of a mode's energy "
+           "kept: the rank ε needs is where that mode's curve crosses its line.")
 
 ranks = pd.DataFrame(view["ranks"][layer], index=[f"ε={e:g}" for e in eps_grid],
                      columns=[m["mode"] for m in spec["modes"]])
@@ -53,6 +56,9 @@ else:
 st.plotly_chart(fig, key="spectra_heatmap")
 
 st.subheader("Perplexity of the fine-tuned layers")
+st.caption("**Perplexity** here is the error the compression puts into a layer's weight gradient: "
+           "‖dW − dŴ‖ between the gradient from the full input and from the input kept at ε's ranks "
+           "(relative: divided by ‖dW‖). Lower is closer to vanilla training; the Budget page minimises its sum.")
 if view.get("perplexity"):
     tuned = [n for n in view["finetuned"] if n in view["perplexity"]]
     relative = st.toggle("Relative to ‖dW‖", value=True, key="spectra_relative")
