@@ -98,6 +98,14 @@ def _calibrate(backbone: str, weights: str, dataset: str, layers_k: int, eps_gri
     return cache[key]
 
 
+def default_calibration(cfg: dict) -> dict:
+    """The calibration a run with ``--budget`` and no ``--calibration`` makes for the Setup config ``cfg``
+    (``lance calibrate``'s defaults: its ε grid, 2 batches of 64), cached like the pages' own."""
+    return _calibrate(cfg["backbone"], cfg["weights"], cfg["dataset"], int(cfg["layers"]), tuple(DEFAULT_EPS_GRID),
+                      DEFAULT_CALIBRATION_BATCHES, DEFAULT_CALIBRATION_BATCH_SIZE, int(cfg.get("resolution") or 0),
+                      int(cfg["seed"]))
+
+
 def _tucker_bytes(shape, ranks) -> int:
     return int(tucker_bytes(list(shape), list(ranks), ELEMENT_BYTES))
 
@@ -176,8 +184,30 @@ def save_plan(plan: Plan, path: str | Path | None = None) -> Path:
     if path is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         name = f"{stamp}-{_slug(plan.backbone or 'model')}-{plan.budget_bytes}B-b{plan.batch_size}.json"
-        path = lance_home() / "plans" / name
+        path = plans_dir() / name
     return plan.save(path)
+
+
+def plans_dir() -> Path:
+    """Where the app keeps plan files: ``$LANCE_HOME/plans``."""
+    return lance_home() / "plans"
+
+
+def plan_id(path: str | Path) -> str:
+    """A saved plan's id (its file name without ``.json``): what the Fine-tune page's ``?plan=`` holds."""
+    return Path(path).stem
+
+
+def plan_path(plan_id_: str) -> Path:
+    """The file of the saved plan ``plan_id_`` under :func:`plans_dir` (raises ``PlanError`` for an id that is
+    not a plain file name, or a plan that is not there)."""
+    if not plan_id_ or not re.fullmatch(r"[A-Za-z0-9_.-]+", plan_id_) or plan_id_.startswith("."):
+        raise plan_mod.PlanError(f"{plan_id_!r} is not a plan id: open a plan from the Budget page "
+                                 "(“Train this plan”)")
+    path = plans_dir() / f"{plan_id_}.json"
+    if not path.is_file():
+        raise plan_mod.PlanError(f"plan {plan_id_!r} is not in {plans_dir()}: make it again on the Budget page")
+    return path
 
 
 def load_plan(path: str | Path) -> Plan:

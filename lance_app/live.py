@@ -106,6 +106,32 @@ def steps_per_run(limit_train: int | None, batch_size: int, epochs: int) -> int 
     return int(math.ceil(limit_train / batch_size)) * max(1, epochs)
 
 
+PHASE_LABELS = {"decoding": "Decoding images", "caching": "Caching frozen features", "calibrating": "Calibrating",
+                "training": "Training", "evaluating": "Evaluating", "done": "Done"}
+
+
+def phase_line(phase: dict | None, now: float | None = None) -> tuple[str, float | None] | None:
+    """(text, fraction done or None) for a job's phase record ``{"phase", "done", "total", "updated_at"}``
+    (``RunStore.phase(job_id)``); None when the job has reported no phase yet."""
+    if not phase or not phase.get("phase"):
+        return None
+    name = str(phase["phase"])
+    text = PHASE_LABELS.get(name, name.capitalize())
+    done, total = phase.get("done"), phase.get("total")
+    fraction = None
+    if total:
+        fraction = max(0.0, min(1.0, float(done or 0) / float(total)))
+        text += f" · {int(done or 0):,}/{int(total):,} ({fraction:.0%})"
+    elif done is not None:
+        text += f" · {int(done):,}"
+    else:
+        text += "…"
+    updated = phase.get("updated_at")
+    if now is not None and updated:
+        text += f" · updated {max(0.0, now - float(updated)):.0f} s ago"
+    return text, fraction
+
+
 def readable_failure(log_tail: str, max_lines: int = 3) -> str:
     """The last meaningful lines of a job's output, without traceback frames."""
     lines = [ln.rstrip() for ln in log_tail.splitlines() if ln.strip()]

@@ -1,69 +1,137 @@
-"""Fine-tune: choose methods, start a job, watch loss / accuracy / bytes / step time / ranks live."""
+"""Fine-tune: choose methods (or a plan from the Budget page), start a job, watch it live, compare at the end."""
 from __future__ import annotations
 
-import plotly.graph_objects as go
+import time
+
 import streamlit as st
 
-from lance_app import figures
-from lance_app.calib import budget_finetune_args
-from lance_app.catalog import Unavailable, engine_attr
-from lance_app.live import POLL_S, job_progress, steps_per_run
-from lance_app.state import METHODS, attach_job, attached_job, job_runner, setup_config, show_error
+from engine.calibration.plan import PlanError
+from lance_app import budget_view, finetune_form, glossary
+from lance_app.calib import (
+    budget_finetune_args,
+    default_calibration,
+    load_plan,
+    plan_finetune_args,
+    plan_path,
+    solve_plan,
+)
+from lance_app.catalog import Unavailable
+from lance_app.figures import format_bytes
+from lance_app.finetune_view import build_figures
+from lance_app.form_store import load_form, save_form
+from lance_app.live import POLL_S, job_progress, phase_line, steps_per_run
+from lance_app.state import METHODS, attach_job, attached_job, job_runner, open_store, setup_config, show_error
+from lance_app.steady import steady_layout
+from lance_app.summary_table import summary_frame
 from lance_app.views import job_state, poll_view, running_jobs_picker, status_banner, stop_button
 
 KIND = "finetune"
+FORM = "finetune"
 st.title("Fine-tune")
+steady_layout()
 cfg = setup_config()
 st.caption(f"Setup: **{cfg['backbone']}** ({cfg['weights']}) on **{cfg['dataset']}**, last "
            f"{cfg['layers']} layers, seed {cfg['seed']} — change it on the Setup page.")
 
-with st.form("finetune_form"):
-    methods = st.multiselect("Methods (run one after another, same data order and seed)", METHODS,
-                             default=["vanilla", "asi"], key="ft_methods")
-    c1, c2, c3, c4 = st.columns(4)
-    epochs = c1.number_input("Epochs", 1, 100, 1, key="ft_epochs")
-    batch_size = c2.number_input("Batch size", 1, 1024, 64, key="ft_batch")
-    lr = c3.number_input("Learning rate", 0.0001, 1.0, 0.05, format="%.4f", key="ft_lr")
-    limit_train = c4.number_input("Training images (0 = all)", 0, 1_000_000, 512, step=64, key="ft_limit")
-    c5, c6, c7 = st.columns(3)
-    eps_hosvd = c5.number_input("HOSVD ε", 0.05, 0.999, 0.8, key="ft_eps_hosvd")
-    eps_lance = c6.number_input("LANCE ε", 0.05, 0.999, 0.95, key="ft_eps_lance")
-    budget = c7.text_input("ASI budget (e.g. 64KiB, 0.5MB; empty = default ranks)",
-                           st.session_state.get("asi_budget", ""), key="ft_budget")
-    submitted = st.form_submit_button("Start fine-tuning", type="primary")
+# -- the form: last values from the store (a reload is a new session), the plan from the URL ----------
+stored = load_form(FORM)
+if not st.session_state.get("ft_seeded"):
+    for key, default in finetune_form.DEFAULTS.items():
+        value = stored.get(key, default)
+        st.session_state[key] = finetune_form.coerce(key, value)
+    st.session_state["ft_seeded"] = True
+if "plan" in st.query_params:
+    st.session_state["ft_plan"] = st.query_params["plan"] or None
+elif "ft_plan" not in st.session_state:
+    st.session_state["ft_plan"] = stored.get("plan")
 
-budget_error = None
-planned = budget_finetune_args(budget, methods)  # a plain --budget: ASI and LANCE train the same plan
-if submitted and planned:
+plan = plan_file = None
+if st.session_state["ft_plan"]:
     try:
-        engine_attr("engine.calibration", "parse_budget")(budget.strip())
-    except ValueError as exc:
-        budget_error = f"ASI budget: {exc}"
+        plan_file = plan_path(st.session_state["ft_plan"])
+        plan = load_plan(plan_file)
+    except PlanError as exc:
+        st.error(f"Plan: {exc}")
+if plan is not None:
+    with st.container(border=True):
+        c1, c2 = st.columns([5, 1])
+        c1.markdown(f"**Training plan `{plan_file.stem}`** · {format_bytes(plan.plan_total_bytes)} "
+                    f"stored by {len(plan.layers)} layers (budget {format_bytes(plan.budget_bytes)}, "
+                    f"vanilla {format_bytes(plan.vanilla_bytes)}) at batch size {plan.batch_size} · "
+                    "ASI and LANCE train exactly these ranks")
+        if c2.button("Don't use it", key="ft_plan_clear"):
+            st.session_state["ft_plan"] = None
+            if "plan" in st.query_params:
+                del st.query_params["plan"]
+            save_form(FORM, {**load_form(FORM), "plan": None})
+            st.rerun()
+        with st.expander("ranks of the plan"):
+            st.dataframe(budget_view.rank_table(plan), hide_index=True)
+        if plan.backbone not in (None, cfg["backbone"]) or len(plan.layers) != int(cfg["layers"]):
+            st.warning(f"This plan is for {plan.backbone}, {len(plan.layers)} layers; the Setup page says "
+                       f"{cfg['backbone']}, last {cfg['layers']}: the run would refuse it. Make a plan for this "
+                       "setup on the Budget page.")
+    st.session_state["ft_batch"] = int(plan.batch_size)
+
+methods = st.multiselect("Methods (run one after another, same data order and seed)", METHODS, key="ft_methods")
+c1, c2, c3, c4, c5 = st.columns(5)
+c1.number_input("Epochs", step=1, key="ft_epochs")
+c2.number_input("Batch size", step=1, key="ft_batch", disabled=plan is not None,
+                help="fixed by the plan" if plan is not None else None)
+c3.number_input("Learning rate", step=0.01, format="%.4f", key="ft_lr")
+c4.number_input("Training images (0 = all)", step=64, key="ft_limit")
+c5.number_input("Validation images (0 = all)", step=100, key="ft_limit_val",
+                help="a seeded subset: on a large validation split (cifar10-jpeg: 5,000) this keeps the first "
+                     "evaluation (and the feature cache) short")
+c6, c7, c8 = st.columns(3)
+c6.number_input("HOSVD ε", step=0.05, format="%.3f", key="ft_eps_hosvd")
+c7.number_input("LANCE ε", step=0.05, format="%.3f", key="ft_eps_lance", disabled=plan is not None,
+                help="not used: LANCE trains the plan's ranks" if plan is not None else None)
+c8.text_input("ASI + LANCE budget (e.g. 64KiB, 0.5MB; empty = default ranks / ε)", key="ft_budget",
+              disabled=plan is not None, help="not used: the plan fixes the ranks" if plan is not None else None)
+st.caption(f"{glossary.EPS} With a budget (or a plan), ASI and LANCE store the ranks the exact knapsack picks "
+           "for it; LANCE ε is then not used.")
+
+values = {key: st.session_state.get(key) for key in finetune_form.DEFAULTS}
+save_form(FORM, {**values, "plan": st.session_state["ft_plan"] if plan is not None else None})
+check = finetune_form.check_form(values)
+for message in check.errors.values():
+    if message != "Methods: choose at least one method.":
+        st.error(message)
+submitted = st.button("Start fine-tuning", type="primary", key="ft_start")
+
+
+def budget_problem(budget: str, batch_size: int) -> str | None:
+    """Refuse an unreadable or infeasible budget before a job starts (the calibration the run would make:
+    `lance calibrate`'s defaults, cached)."""
+    try:
+        solve_plan(default_calibration(cfg), budget, batch_size)
     except Unavailable:
-        pass  # the CLI checks it
+        return None  # the CLI checks it
+    except ValueError as exc:  # unreadable (BudgetError) or infeasible (states the least that fits)
+        return f"ASI + LANCE budget: {exc}"
+    return None
+
+
 if submitted:
-    if not methods:
-        st.error("Choose at least one method.")
-    elif budget_error:
-        st.error(budget_error)
+    uses_plan = plan is not None and {"asi", "lance"} & set(methods)
+    budget = "" if plan is not None else str(values["ft_budget"] or "").strip()
+    planned = budget_finetune_args(budget, methods)
+    problem = next(iter(check.errors.values()), None)
+    if problem is None and planned:
+        problem = budget_problem(budget, check.values["ft_batch"])
+    if problem:
+        st.error(f"Not started. {problem}")
     else:
-        args = ["--backbone", cfg["backbone"], "--weights", cfg["weights"], "--dataset", cfg["dataset"],
-                "--method", ",".join(methods), "--layers", str(cfg["layers"]), "--epochs", str(epochs),
-                "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(cfg["seed"])]
-        if limit_train:
-            args += ["--limit-train", str(limit_train)]
-        eps = [f"{m}={eps_hosvd if m == 'hosvd' else eps_lance:g}" for m in methods
-               if m == "hosvd" or (m == "lance" and not planned)]
-        if eps:
-            args += ["--eps", ",".join(eps)]
-        args += planned
-        if cfg.get("resolution"):
-            args += ["--resolution", str(cfg["resolution"])]
         try:
+            plan_args = plan_finetune_args(plan_file, plan) if uses_plan else None
+            args = finetune_form.finetune_args(cfg, check.values, plan_args=plan_args, budget_args=planned)
+            batch = int(plan.batch_size) if uses_plan else int(check.values["ft_batch"])
             job = job_runner().start(KIND, args, label=f"{','.join(methods)} on {cfg['dataset']}",
-                                     extra={"methods": methods, "epochs": int(epochs),
-                                            "steps_per_run": steps_per_run(int(limit_train), int(batch_size),
-                                                                           int(epochs))})
+                                     extra={"methods": methods, "epochs": int(check.values["ft_epochs"]),
+                                            "plan": plan_file.stem if uses_plan else None,
+                                            "steps_per_run": steps_per_run(int(check.values["ft_limit"]), batch,
+                                                                           int(check.values["ft_epochs"]))})
             attach_job(KIND, job.job_id)
             st.session_state.pop(f"{KIND}_view", None)
         except Exception as exc:
@@ -83,27 +151,29 @@ job = job_runner().get(job_id)
 extra = job.extra if job else {}
 
 
-def build_figures(df) -> list[tuple[str, object]]:
-    """The six live charts as (widget key, plotly figure)."""
-    acc = figures.metric_figure(df, "acc", split="train", title="accuracy (train steps, val epochs)",
-                                y_title="accuracy (%)")
-    val = df[(df["key"] == "acc") & (df["split"] == "val")] if not df.empty else df
-    for label, part in (val.groupby("label") if not val.empty else []):
-        x = part["step"] if part["step"].notna().all() else part["epoch"]
-        acc.add_trace(go.Scatter(x=x.tolist(), y=part["value"].tolist(), mode="markers",
-                                 marker=dict(size=10, symbol="diamond"), name=f"{label} (val)"))
-    return [
-        ("ft_loss", figures.metric_figure(df, "loss", split="train", title="training loss")),
-        ("ft_acc", acc),
-        ("ft_bytes", figures.memory_figure(df)),
-        ("ft_step", figures.metric_figure(df, "step_ms", split="train", title="step time", y_title="ms",
-                                          log_y=True)),
-        ("ft_ranks", figures.prefixed_metric_figure(df, "rank/", split="train", title="ranks in use",
-                                                    y_title="rank", log_y=True)),
-        ("ft_energy", figures.prefixed_metric_figure(df, "captured_energy/", split="train",
-                                                     title="captured energy of the stored subspace",
-                                                     y_title="fraction")),
-    ]
+def resume_buttons(view, now_alive: bool) -> None:
+    """A Resume button per interrupted run (`lance finetune --resume RUN` in a new job)."""
+    if now_alive:
+        return
+    store = open_store()
+    for run in view.runs:
+        if run.get("status") != "interrupted":
+            continue
+        if not store.checkpoint_path(run["id"]).is_file():
+            st.caption(f"Run `{run['id']}` ({run.get('method')}) stopped before its first epoch ended: nothing to "
+                       "resume from; start a new job.")
+            continue
+        if st.button(f"Resume {run.get('method')} (run {run['id'][-6:]})", key=f"ft_resume_{run['id']}",
+                     icon=":material/play_arrow:"):
+            try:
+                new = job_runner().start(KIND, ["--resume", run["id"]], label=f"resume {run.get('method')}",
+                                         extra={"methods": [run.get("method")], "resumed": run["id"],
+                                                "epochs": (run.get("config") or {}).get("epochs")})
+                attach_job(KIND, new.job_id)
+                st.session_state.pop(f"{KIND}_view", None)
+                st.rerun()
+            except Exception as exc:
+                show_error(f"Could not resume run {run['id']}: {exc}", exc)
 
 
 @st.fragment(run_every=POLL_S if alive else None)
@@ -113,18 +183,25 @@ def live_view() -> None:
     if view is None:
         return
     head, stop_col = st.columns([5, 1])
-    head.markdown(f"**Job `{job_id}`** · {'running' if now_alive else 'finished'}")
+    head.markdown(f"**Job `{job_id}`** · {'running' if now_alive else 'finished'}"
+                  + (f" · plan `{extra['plan']}`" if extra.get("plan") else ""))
     with stop_col:
         stop_button(KIND, job_id, now_alive)
+    store_phase = getattr(open_store(), "phase", None)  # RunStore.phase: the job's phase, when it reports one
+    phase = phase_line(store_phase(job_id) if store_phase and now_alive else None, time.time())
+    if phase is not None:
+        st.progress(phase[1] if phase[1] is not None else 0.0, text=f"Phase: {phase[0]}")
     n_runs = len(extra.get("methods", [])) or max(1, len(view.runs))
     progress = job_progress(view, n_runs, extra.get("steps_per_run"), extra.get("epochs"))
     st.progress(progress, text=f"{progress:.0%} · {len(view.runs)}/{n_runs} run(s) started")
     status_banner(KIND, job_id, view, now_alive)
+    resume_buttons(view, now_alive)
     df = view.frame
-    signature = (job_id, len(df))
+    signature = (job_id, len(df), now_alive)
     cached = st.session_state.get("ft_figures")
     if cached is None or cached[0] != signature:  # rebuild only when rows arrived (cheap idle polls)
-        cached = (signature, build_figures(df))
+        labels = [label for label in dict.fromkeys(df["label"])] if not df.empty else []
+        cached = (signature, build_figures(df, labels, finished=not now_alive))
         st.session_state["ft_figures"] = cached
     figs = cached[1]
     for i in range(0, len(figs), 2):
@@ -132,8 +209,27 @@ def live_view() -> None:
         for col, (key, fig) in zip(cols, figs[i:i + 2]):
             col.plotly_chart(fig, key=key)
     st.caption(f"{len(df)} metric rows · polled every {POLL_S:g} s while running")
+    summary_view(view, now_alive)
     if alive and not now_alive:
         st.rerun()  # the job just ended: redraw once without the timer
+
+
+def summary_view(view, now_alive: bool) -> None:
+    """The end-of-job table (each run's row once it has a summary)."""
+    if not any(run.get("summary") for run in view.runs):
+        return
+    stored_runs = [] if any(r.get("method") == "vanilla" for r in view.runs) else open_store().list_runs(kind=KIND)
+    table, reference = summary_frame(view.runs, stored_runs)
+    st.subheader("Summary" if not now_alive else "Summary so far")
+    st.dataframe(table, hide_index=True, key="ft_summary")
+    if reference is None:
+        st.caption("× vs vanilla: no vanilla run of this setup (backbone, weights, dataset, layers, batch size, "
+                   "resolution) in the store yet; add vanilla to the methods to compare.")
+    elif reference.get("job_id") != job_id:
+        st.caption(f"× vs vanilla: against stored vanilla run `{reference['id']}` of the same setup.")
+    st.caption("final / best acc: validation accuracy after the last / best epoch · layer bytes: peak activation "
+               "bytes the fine-tuned layers stored for backward (measured) · region bytes: everything saved "
+               "between the first and last fine-tuned layer · median step ms, MFLOP/step: medians over steps.")
 
 
 live_view()
