@@ -187,10 +187,10 @@ def live_view() -> None:
                   + (f" · plan `{extra['plan']}`" if extra.get("plan") else ""))
     with stop_col:
         stop_button(KIND, job_id, now_alive)
-    store_phase = getattr(open_store(), "phase", None)  # RunStore.phase: the job's phase, when it reports one
-    phase = phase_line(store_phase(job_id) if store_phase and now_alive else None, time.time())
-    if phase is not None:
-        st.progress(phase[1] if phase[1] is not None else 0.0, text=f"Phase: {phase[0]}")
+    phase = phase_line(open_store().phase(job_id) if now_alive else None, time.time())  # decoding, caching, …
+    if now_alive:  # one slot while running, so the layout does not jump when the first phase arrives
+        st.progress((phase[1] or 0.0) if phase else 0.0,
+                    text=f"Phase: {phase[0]}" if phase else "Phase: starting (no phase reported yet)")
     n_runs = len(extra.get("methods", [])) or max(1, len(view.runs))
     progress = job_progress(view, n_runs, extra.get("steps_per_run"), extra.get("epochs"))
     st.progress(progress, text=f"{progress:.0%} · {len(view.runs)}/{n_runs} run(s) started")
