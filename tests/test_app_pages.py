@@ -136,8 +136,9 @@ def test_budget_page_exact_choice_and_readable_errors(calibrated_home, monkeypat
     budget = parse_budget(at.text_input(key="budget_text").value)
     assert 0 < table["bytes"].sum() <= budget
     bars = charts(at)["activation bytes per fine-tuned layer"]["data"]
-    assert bars[0]["y"] == [float(b) for b in table["bytes"]]
-    assert bars[1]["y"] == [float(b) for b in table["vanilla bytes"]]
+    # each bar spans base -> base + y = the layer's bytes (a log axis from a stated baseline)
+    assert [bars[0]["base"] + y for y in bars[0]["y"]] == [float(b) for b in table["bytes"]]
+    assert [bars[1]["base"] + y for y in bars[1]["y"]] == [float(b) for b in table["vanilla bytes"]]
     at.button(key="budget_predict").click().run()
     no_exception(at)
     flops = {m.label: float(m.value.split()[0].replace(",", "")) for m in at.metric if "FLOP" in m.value}
@@ -157,11 +158,11 @@ def test_finetune_page_without_a_job_and_without_methods():
     assert "No job attached" in at.info[0].value
     at.multiselect(key="ft_methods").set_value([])
     at.button[0].click().run()  # the form's submit button
-    assert at.error[0].value == "Choose at least one method."
+    assert at.error[0].value == "Not started. Methods: choose at least one method."
     at.multiselect(key="ft_methods").set_value(["asi"])
     at.text_input(key="ft_budget").set_value("a lot")
     at.button[0].click().run()
-    assert at.error[0].value.startswith("ASI budget: cannot read the budget 'a lot'")
+    assert "ASI + LANCE budget: cannot read the budget 'a lot'" in at.error[0].value
     assert "job" not in at.query_params  # nothing was started
 
 

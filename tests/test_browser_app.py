@@ -303,13 +303,32 @@ def test_spectra_and_budget_pages_draw_their_charts(server, browser, shots):
     page.goto(base + "/budget")
     page.get_by_role("heading", name="Budget").wait_for()
     assert _wait_points(page, "activation bytes per fine-tuned layer", 8, timeout_s=60) == 8  # 4 layers x 2 bars
-    page.get_by_label("Activation memory budget", exact=False).fill("10")
+    field = page.get_by_label("type an exact budget", exact=False)
+    field.fill("10")
     page.keyboard.press("Enter")
     page.get_by_text("least total that fits is").wait_for()
-    page.get_by_label("Activation memory budget", exact=False).fill("16KiB")
+    field.fill("16KiB")
     page.keyboard.press("Enter")
     page.get_by_text("Chosen total").wait_for()
+    page.wait_for_function("() => new URLSearchParams(location.search).get('budget_text') === '16KiB'")
+    # drag the log slider with the keyboard: the exact budget field (and the URL) follow it, upwards
+    page.get_by_role("slider").first.focus()
+    for _ in range(8):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_function("() => /^[0-9]+$/.test(new URLSearchParams(location.search).get('budget_text') || '')",
+                           timeout=60_000)
+    moved = int(field.input_value())
+    assert moved > 16 * 1024, moved
     page.screenshot(path=str(shots / "budget.png"), full_page=True)
+    # "Train this plan" opens Fine-tune with ?plan=ID; a reload keeps the plan
+    page.get_by_role("button", name="Train this plan").click()
+    page.wait_for_function("() => new URLSearchParams(location.search).get('plan')", timeout=60_000)
+    page.get_by_text("Training plan").first.wait_for(timeout=60_000)
+    plan_id = page.evaluate("() => new URLSearchParams(location.search).get('plan')")
+    page.reload()
+    page.get_by_text("Training plan").first.wait_for(timeout=60_000)
+    page.get_by_text(plan_id, exact=False).first.wait_for(timeout=60_000)
+    assert page.evaluate("() => new URLSearchParams(location.search).get('plan')") == plan_id
     page.goto(base + "/continual")
     page.get_by_role("heading", name="Continual learning").wait_for()
     page.get_by_role("button", name="Start task sequence").wait_for()
