@@ -8,7 +8,6 @@ Places looked at (in this order):
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,31 +27,6 @@ DEFAULT_CONTINUAL_BENCHMARK = "split-digits"
 
 class Unavailable(RuntimeError):
     """A piece of the engine or a file the page needs is not here; the message says what to do."""
-
-
-def engine_attr(module: str, attr: str):  # left for pages/budget.py, pages/finetune.py (plain imports there next)
-    """``module.attr`` from the engine, or raise :class:`Unavailable` with a readable message."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise Unavailable(f"`{module}` is not available in this installation ({exc}). "
-                          f"Update the checkout and run `pip install -e .[dev]`.") from exc
-    try:
-        return getattr(mod, attr)
-    except AttributeError as exc:
-        raise Unavailable(f"`{module}.{attr}` is not available in this installation. "
-                          f"Update the checkout and run `pip install -e .[dev]`.") from exc
-
-
-def engine_attr_any(*candidates: tuple[str, str]):
-    """The first of several (module, attr) that exists; Unavailable with the first one's message."""
-    first = None
-    for module, attr in candidates:
-        try:
-            return engine_attr(module, attr)
-        except Unavailable as exc:
-            first = first or exc
-    raise first
 
 
 def shared_root() -> Path:
