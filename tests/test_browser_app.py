@@ -315,10 +315,13 @@ def test_spectra_and_budget_pages_draw_their_charts(server, browser, shots):
     page.get_by_role("slider").first.focus()
     for _ in range(8):
         page.keyboard.press("ArrowRight")
-    page.wait_for_function("() => /^[0-9]+$/.test(new URLSearchParams(location.search).get('budget_text') || '')",
-                           timeout=60_000)
+    deadline = time.monotonic() + 60
+    while not field.input_value().isdigit() and time.monotonic() < deadline:  # the field follows the slider
+        page.wait_for_timeout(200)
     moved = int(field.input_value())
     assert moved > 16 * 1024, moved
+    page.wait_for_function(f"() => new URLSearchParams(location.search).get('budget_text') === '{moved}'",
+                           timeout=60_000)
     page.screenshot(path=str(shots / "budget.png"), full_page=True)
     # "Train this plan" opens Fine-tune with ?plan=ID; a reload keeps the plan
     page.get_by_role("button", name="Train this plan").click()
