@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from engine.memory import StepMeter, peak_due
 from engine.packing import pack_region
+from engine.phases import report
 from engine.train.faults import TrainingDiverged
 
 from .learner import ContinualConfig, ContinualLearner
@@ -112,6 +113,20 @@ def _task_seed(seed: int, task: int, salt: int) -> int:
     return int(seed) * 1_000_003 + task * 1009 + salt
 
 
+def _calibrate(learner: ContinualLearner, task: int, batches: list) -> dict[str, tuple[int, ...]]:
+    """``learner.calibrate`` with the "calibrating" phase (done/total: batches) where it calibrates.
+
+    The condition is ``ContinualLearner.calibrate``'s own (it returns ``{}`` otherwise): keep the two alike.
+    """
+    cfg = learner.config
+    if cfg.method != "lance" or (task == 0 and not cfg.compress_first_task):
+        return learner.calibrate(task, batches)
+    report("calibrating", 0, len(batches))
+    ranks = learner.calibrate(task, batches)
+    report("calibrating", len(batches), len(batches))
+    return ranks
+
+
 def run_sequence(
     model: nn.Module,
     tasks: Sequence[Task],
@@ -145,13 +160,15 @@ def run_sequence(
         raise ValueError(f"resuming at task {start_task} needs {start_task} accuracy rows, got {len(acc_matrix)}")
     records: list[TaskRecord] = []
     step = 0
+    total_steps = sum(config.epochs * -(-len(tasks[t].train) // config.batch_size)
+                      for t in range(start_task, len(tasks)))  # the "training" phase's done/total: this call's steps
     for t in range(start_task, len(tasks)):
         task = tasks[t]
         torch.manual_seed(_task_seed(config.seed, t, 0))
         start = time.perf_counter()
         batches = _first_batches(task.train, config.calibration_batch_size, config.calibration_batches,
                                  _task_seed(config.seed, t, 1))
-        ranks = learner.calibrate(t, batches)
+        ranks = _calibrate(learner, t, batches)
         params = learner.configure_task(t)
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
         peak_layer = peak_region = 0
@@ -162,9 +179,9 @@ def run_sequence(
             if epoch and config.recalibrate_every and epoch % config.recalibrate_every == 0:
                 # fresh factors (still ⊥ P) fitted to the weights as they are now; momentum already held
                 # lies in the old span(U_F), which is ⊥ P as well, so protection is unaffected
-                ranks = learner.calibrate(t, _first_batches(task.train, config.calibration_batch_size,
-                                                            config.calibration_batches,
-                                                            _task_seed(config.seed, t, 1000 + epoch)))
+                batches = _first_batches(task.train, config.calibration_batch_size, config.calibration_batches,
+                                         _task_seed(config.seed, t, 1000 + epoch))
+                ranks = _calibrate(learner, t, batches)
             learner.train_mode(t)
             epoch_start = time.perf_counter()
             correct = total = 0
@@ -189,6 +206,7 @@ def run_sequence(
                         peak_memory = max(peak_memory or 0, int(step_peak))
                 optimizer.step()
                 step += 1
+                report("training", step, total_steps)
                 ep_loss += loss_value * y.numel()
                 correct += int((logits.argmax(1) == y).sum())
                 total += int(y.numel())
@@ -202,6 +220,7 @@ def run_sequence(
                                                                     _task_seed(config.seed, t, 2)),
                                                             config.batch_size, 10**9, _task_seed(config.seed, t, 3)))
         task_ms = 1000.0 * (time.perf_counter() - start)
+        report("evaluating", t + 1, len(tasks))  # done/total: tasks learned so far / tasks
         row = [learner.evaluate(j, _eval_loader(tasks[j].test, config.eval_batch_size)) for j in range(t + 1)]
         acc_matrix.append(row)
         summary = summarize(acc_matrix)
