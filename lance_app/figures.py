@@ -225,8 +225,9 @@ def ranks_figure(df: pd.DataFrame, split: str = "train", x: str = "step", title:
     """Ranks per mode (keys ``rank/<layer>/<mode>``): one small panel per layer (short name above it),
     one line per mode named B/C/H/W (as on the Spectra page) in the mode's colour, log y.
 
-    The legend holds the modes once (B, C, H, W), not a layer × mode list; several runs in one frame
-    get one dash each and legend entries "<method> · <mode>".
+    The legend holds the modes once (B, C, H, W), not a layer × mode list (on mcunet: 4 entries, not
+    12 long names), also when several runs share the frame: each run gets one dash, said in the legend's
+    title ("mode (line: asi solid, lance dash)") and in the hover text ("<layer> · <method> · <mode>").
     """
     fig = _figure(title, x, "rank")
     if df is None or df.empty:
@@ -246,7 +247,12 @@ def ranks_figure(df: pd.DataFrame, split: str = "train", x: str = "step", title:
     rows = (len(layers) + cols - 1) // cols
     grid = make_subplots(rows=rows, cols=cols, shared_yaxes=True, subplot_titles=[short[n] for n in layers],
                          horizontal_spacing=0.04, vertical_spacing=0.18 if rows > 1 else 0.1)
+    legend_title = "mode"
+    if len(labels) > 1:  # which dash is which run (the legend keeps the modes only)
+        legend_title += " (line: " + ", ".join(f"{method_of(label)} {DASHES[ri % len(DASHES)]}"
+                                               for ri, label in enumerate(labels)) + ")"
     grid.update_layout(title=title, **{**_LAYOUT, "height": 260 + 190 * rows})
+    grid.update_layout(legend_title_text=legend_title)
     shown: set[str] = set()
     for li, layer in enumerate(layers):
         part_layer = sel[sel["layer"] == layer]
@@ -258,10 +264,11 @@ def ranks_figure(df: pd.DataFrame, split: str = "train", x: str = "step", title:
                 part = part_layer[(part_layer["label"] == label) & (part_layer["mode"] == mode)].sort_values(x)
                 if part.empty:
                     continue
-                name = names[mode] if len(labels) == 1 else f"{method_of(label)} · {names[mode]}"
+                name = names[mode]
+                who = name if len(labels) == 1 else f"{method_of(label)} · {name}"
                 grid.add_trace(go.Scatter(
                     x=part[x].tolist(), y=part["value"].tolist(), mode="lines", name=name, legendgroup=name,
-                    showlegend=name not in shown, hovertemplate=f"{short[layer]} · {name}: %{{y}}<extra></extra>",
+                    showlegend=name not in shown, hovertemplate=f"{short[layer]} · {who}: %{{y}}<extra></extra>",
                     line=dict(color=MODE_COLOURS.get(names[mode]), dash=DASHES[ri % len(DASHES)])),
                     row=li // cols + 1, col=li % cols + 1)
                 shown.add(name)

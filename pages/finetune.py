@@ -200,8 +200,7 @@ def live_view() -> None:
     signature = (job_id, len(df), now_alive)
     cached = st.session_state.get("ft_figures")
     if cached is None or cached[0] != signature:  # rebuild only when rows arrived (cheap idle polls)
-        labels = [label for label in dict.fromkeys(df["label"])] if not df.empty else []
-        cached = (signature, build_figures(df, labels, finished=not now_alive))
+        cached = (signature, build_figures(df, finished=not now_alive))
         st.session_state["ft_figures"] = cached
     figs = cached[1]
     for i in range(0, len(figs), 2):

@@ -11,6 +11,7 @@ import pytest
 from engine.calibration import DEFAULT_EPS_GRID, calibrate
 from engine.calibration.plan import solve_plan
 from lance_app import budget_view, finetune_form, finetune_view
+from lance_app.axes import METHOD_COLOURS, MODE_COLOURS
 from lance_app.figures import format_bytes, metrics_frame
 from lance_app.form_store import form_path, load_form, save_form
 from lance_app.live import phase_line
@@ -176,23 +177,53 @@ def test_phase_line_text_and_fraction():
     assert phase_line({"phase": "training", "done": 7, "total": None})[0] == "Training · 7"
 
 
-def test_live_charts_share_colours_name_rank_modes_and_wait_without_rows():
-    rows = []
-    for label, run in (("vanilla", "r1"), ("asi", "r2")):
-        part = [{"step": s, "epoch": 0, "split": "train", "key": "loss", "value": 1.0 / s} for s in (1, 2)]
-        part += [{"step": 2, "epoch": 0, "split": "val", "key": "acc", "value": 50.0}]
-        part += [{"step": 1, "epoch": 0, "split": "train", "key": "acc", "value": 40.0}]
-        if label == "asi":
-            part += [{"step": 1, "epoch": 0, "split": "train", "key": f"rank/conv/{m}", "value": 3} for m in range(4)]
-        rows.append(metrics_frame(part, label=label, run_id=run))
+MCUNET_LAYERS = ["blocks.14.mobile_inverted_conv.point_linear.conv", "blocks.15.mobile_inverted_conv.depth_conv.conv",
+                 "blocks.16.mobile_inverted_conv.inverted_bottleneck.conv"]
+
+
+def _job_frame(ranked: dict[str, list[str]]):
+    """Rows of a two-run job (vanilla #r1, asi #r2 …): loss, train acc, one val acc per run; ranks of the
+    runs in ``ranked`` (label -> layers, four modes '0'..'3' each, value 3 + mode)."""
     import pandas as pd
 
-    df = pd.concat(rows, ignore_index=True)
-    figs = dict(finetune_view.build_figures(df, ["vanilla", "asi"]))
+    frames = []
+    for n, label in enumerate(["vanilla #r1", *ranked]):
+        part = [{"step": s, "epoch": 0, "split": "train", "key": "loss", "value": 1.0 / s} for s in (1, 2)]
+        part += [{"step": 2, "epoch": 0, "split": "val", "key": "acc", "value": 50.0 + n}]
+        part += [{"step": 1, "epoch": 0, "split": "train", "key": "acc", "value": 40.0 + n}]
+        part += [{"step": s, "epoch": 0, "split": "train", "key": f"rank/{layer}/{m}", "value": 3 + m}
+                 for layer in ranked.get(label, []) for m in range(4) for s in (1, 2)]
+        frames.append(metrics_frame(part, label=label, run_id=f"r{n + 1}"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_live_charts_use_the_method_colours_shared_markers_and_ranks_and_wait_without_rows():
+    figs = dict(finetune_view.build_figures(_job_frame({"asi #r2": ["conv"]})))
     acc = {t.name: t for t in figs["ft_acc"].data}
-    assert acc["asi (val)"].marker.color == acc["asi"].line.color != acc["vanilla"].line.color
-    assert acc["vanilla (val)"].marker.color == acc["vanilla"].line.color
-    assert [t.name for t in figs["ft_ranks"].data] == ["conv · B", "conv · C", "conv · H", "conv · W"]
-    empty = dict(finetune_view.build_figures(metrics_frame([]), []))
+    assert set(acc) == {"vanilla #r1", "asi #r2", "vanilla #r1 (val)", "asi #r2 (val)"}
+    assert acc["asi #r2 (val)"].marker.color == acc["asi #r2"].line.color == METHOD_COLOURS["asi"]
+    assert acc["vanilla #r1 (val)"].marker.color == acc["vanilla #r1"].line.color == METHOD_COLOURS["vanilla"]
+    assert list(acc["asi #r2 (val)"].y) == [51.0] and list(acc["asi #r2 (val)"].x) == [2]
+    assert acc["asi #r2 (val)"].marker.symbol == "diamond"
+    assert figs["ft_loss"].data[1].line.color == METHOD_COLOURS["asi"]  # one colour per method in every chart
+    ranks = figs["ft_ranks"]
+    assert [t.name for t in ranks.data] == ["B", "C", "H", "W"]  # as the Spectra page names a conv input's modes
+    assert [list(t.y) for t in ranks.data] == [[3, 3], [4, 4], [5, 5], [6, 6]]
+    assert [t.line.color for t in ranks.data] == [MODE_COLOURS[m] for m in "BCHW"]
+    empty = dict(finetune_view.build_figures(metrics_frame([])))
     assert all(len(f.data) == 0 and f.layout.annotations[0].text == finetune_view.WAITING for f in empty.values())
     assert empty["ft_loss"].layout.title.text == "training loss" and empty["ft_loss"].layout.xaxis.visible is False
+    done = dict(finetune_view.build_figures(metrics_frame([]), finished=True))
+    assert done["ft_ranks"].layout.annotations[0].text == "nothing logged for this chart"
+
+
+def test_ranks_legend_on_mcunet_with_two_runs_is_the_four_modes():
+    ranks = dict(finetune_view.build_figures(_job_frame({"asi #r2": MCUNET_LAYERS,
+                                                         "lance #r3": MCUNET_LAYERS})))["ft_ranks"]
+    assert len(ranks.data) == 2 * 3 * 4  # every (run, layer, mode) drawn
+    assert [t.name for t in ranks.data if t.showlegend is not False] == ["B", "C", "H", "W"]
+    assert ranks.layout.legend.title.text == "mode (line: asi solid, lance dash)"
+    assert {t.line.dash for t in ranks.data if "lance" in t.hovertemplate} == {"dash"}
+    assert {t.line.dash for t in ranks.data if "asi" in t.hovertemplate} == {"solid"}
+    assert [a.text for a in ranks.layout.annotations] == ["14.point_linear", "15.depth_conv",
+                                                          "16.inverted_bottleneck"]

@@ -17,6 +17,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.store import RunStore
+from lance_app.axes import METHOD_COLOURS
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = REPO / "pages"
@@ -187,8 +188,11 @@ def test_finetune_page_draws_the_rows_of_a_job_from_the_url():
     assert figs["training loss"]["data"][0]["y"] == [2.3, 1.9, 1.2]
     acc = figs["accuracy (train steps, val epochs)"]["data"]
     assert acc[0]["y"] == [10.0, 30.0, 55.0] and acc[1]["y"] == [61.0] and acc[1]["x"] == [2]
-    assert figs["ranks in use"]["data"][0]["name"] == "fc/F"
-    assert figs["ranks in use"]["data"][0]["y"] == [7, 9, 8]
+    hosvd = METHOD_COLOURS["hosvd"]  # the shared scheme: the val diamond in its method's colour
+    assert acc[0]["line"]["color"] == acc[1]["marker"]["color"] == hosvd and acc[1]["marker"]["symbol"] == "diamond"
+    ranks = figs["ranks in use"]
+    assert [t["name"] for t in ranks["data"]] == ["F"]  # the mode, in the layer's panel ("fc")
+    assert ranks["data"][0]["y"] == [7, 9, 8] and ranks["layout"]["annotations"][0]["text"] == "fc"
     assert figs["captured energy of the stored subspace"]["data"][0]["y"] == [0.8, 0.85, 0.9]
     assert figs["step time"]["data"][0]["y"] == [12.0, 9.0, 9.5]
 
