@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from engine.store import RunStore
 from lance_app import axes, continual_view, figures, sweep_view
 from lance_app.runs_table import config_side_by_side, metrics_export, runs_frame
 
@@ -240,37 +241,50 @@ def test_continual_side_by_side_table_matrices_and_tasks():
     assert tasks.layout.xaxis.dtick == 1
 
 
-def test_runs_table_method_options_fallback_and_scatter():
+def test_runs_table_method_options_fallback_and_scatter(tmp_path):
+    """Runs made in a real RunStore (SQLite under tmp_path) through its public API; the fallback reads the
+    newest *validation* row of a run without a summary, and only for the columns its summary lacks."""
     from lance_app.runs_table import fallback_values, scatter_figure
 
-    runs = [{"id": "ft-h", "kind": "finetune", "method": "hosvd", "status": "completed",
-             "config": {"method_options": {"method": "hosvd", "eps": 0.8}, "lr": 0.05},
-             "summary": {"val_acc": 60.0, "layer_activation_bytes": 3e4}},
-            {"id": "ft-v", "kind": "finetune", "method": "vanilla", "status": "interrupted",
-             "config": {"method_options": {"method": "vanilla"}}, "summary": None},
-            {"id": "cl-l", "kind": "continual", "method": "lance", "status": "completed",
-             "config": {"training": {"eps": 0.3, "eps_cl": 0.97, "lr": 0.01, "basis_samples": 125}},
-             "summary": {"acc": 80.0, "bwt": -1.5, "peak_layer_activation_bytes": 2e5}},
-            {"id": "cl-f", "kind": "continual", "method": "finetune", "status": "completed",
-             "config": {"training": {"eps": 0.3, "eps_cl": 0.97}},
-             "summary": {"acc": 60.0, "bwt": -30.0, "peak_layer_activation_bytes": 2e6}}]
+    store = RunStore(tmp_path / "store")
+    ids = {}
 
-    class Store:  # the two metric rows the fallback asks for (the real store is used by the page tests)
-        def metrics(self, run_id, key=None, split=None):
-            return [{"value": 55.0}, {"value": 71.5}] if (run_id, key, split) == ("ft-v", "acc", "val") else []
+    def run(name, kind, method, status, config, summary=None, rows=()):
+        ids[name] = store.create_run(kind=kind, method=method, config=config)
+        store.log_metrics(ids[name], rows)
+        if summary is not None:
+            store.set_summary(ids[name], summary)
+        store.set_status(ids[name], status)
 
-    fallback = fallback_values(Store(), runs)
-    assert fallback == {"ft-v": {"val_acc": 71.5}}
+    val = [{"step": s, "epoch": e, "split": "val", "key": "acc", "value": v}
+           for s, e, v in ((4, 0, 55.0), (8, 1, 71.5))]
+    train = [{"step": 9, "epoch": 1, "split": "train", "key": "acc", "value": 99.0}]  # newer, but not val
+    run("ft-h", "finetune", "hosvd", "completed", {"method_options": {"method": "hosvd", "eps": 0.8}, "lr": 0.05},
+        {"val_acc": 60.0, "layer_activation_bytes": 3e4}, rows=val)  # its summary wins over its rows
+    run("ft-v", "finetune", "vanilla", "interrupted", {"method_options": {"method": "vanilla"}}, rows=val + train)
+    run("cl-l", "continual", "lance", "completed",
+        {"training": {"eps": 0.3, "eps_cl": 0.97, "lr": 0.01, "basis_samples": 125}},
+        {"acc": 80.0, "bwt": -1.5, "peak_layer_activation_bytes": 2e5})
+    run("cl-f", "continual", "finetune", "completed", {"training": {"eps": 0.3, "eps_cl": 0.97}},
+        {"acc": 60.0, "bwt": -30.0, "peak_layer_activation_bytes": 2e6})
+    run("cl-g", "continual", "gpm", "interrupted", {"training": {}}, rows=[
+        {"task": t, "split": "task", "key": k, "value": v}
+        for t, k, v in ((0, "ACC", 95.0), (0, "BWT", 0.0), (1, "ACC", 88.0), (1, "BWT", -4.0))])
+    runs = store.list_runs()
+    fallback = fallback_values(store, runs)
+    assert fallback == {ids["ft-v"]: {"val_acc": 71.5}, ids["cl-g"]: {"ACC": 88.0, "BWT": -4.0}}
     table = runs_frame(runs, fallback).set_index("id")
-    assert table.loc["ft-v", "val_acc"] == 71.5  # an interrupted run: its newest val row, not None
-    assert table.loc["ft-h", "options"] == "eps=0.8" and table.loc["ft-v", "options"] == ""
-    assert table.loc["cl-l", "options"] == "eps=0.3, eps_cl=0.97"  # lance's own; lr is everyone's
-    assert table.loc["cl-f", "options"] == ""
-    assert table.loc["cl-l", "ACC"] == 80.0 and table.loc["cl-f", "BWT"] == -30.0
-    assert table.loc["cl-l", "layer bytes"] == 2e5 and table.loc["ft-h", "layer bytes"] == 3e4
+    by = {name: table.loc[rid] for name, rid in ids.items()}
+    assert by["ft-v"]["val_acc"] == 71.5  # an interrupted run: its newest val row, not None
+    assert by["ft-h"]["val_acc"] == 60.0 and by["cl-g"]["ACC"] == 88.0 and by["cl-g"]["BWT"] == -4.0
+    assert by["ft-h"]["options"] == "eps=0.8" and by["ft-v"]["options"] == ""
+    assert by["cl-l"]["options"] == "eps=0.3, eps_cl=0.97"  # lance's own; lr is everyone's
+    assert by["cl-f"]["options"] == ""
+    assert by["cl-l"]["ACC"] == 80.0 and by["cl-f"]["BWT"] == -30.0
+    assert by["cl-l"]["layer bytes"] == 2e5 and by["ft-h"]["layer bytes"] == 3e4
     fig, missing = scatter_figure(runs_frame(runs, fallback))
     points = {t.name: (list(t.x), list(t.y)) for t in fig.data}
     assert points == {"hosvd": ([3e4], [60.0]), "lance": ([2e5], [80.0]), "finetune": ([2e6], [60.0])}
-    assert missing == ["vanilla #ft-v"]  # no measured bytes (no summary)
+    assert sorted(missing) == sorted([f"vanilla #{ids['ft-v'][-6:]}", f"gpm #{ids['cl-g'][-6:]}"])  # no bytes
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.ticktext[0] == "10 kB"
     assert {t.name: t.marker.color for t in fig.data}["lance"] == axes.METHOD_COLOURS["lance"]
