@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -256,3 +257,37 @@ def test_show_into_a_closed_pipe_prints_no_traceback():
     done = subprocess.run(["bash", "-c", cmd], check=False, capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.startswith("run      ") and "Traceback" not in done.stderr
     assert "BrokenPipe" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("after_line", ['conn.execute("BEGIN IMMEDIATE")', "result = fn(conn)"])
+def test_ctrl_c_inside_a_write_leaves_the_store_writable(tmp_path, after_line):
+    """Stop (SIGINT) can land on any bytecode, also between BEGIN and COMMIT. The interrupted write is
+    rolled back and the interrupt handler's next write (the run's ``interrupted`` status) goes through:
+    it once failed with 'cannot start a transaction within a transaction' and the run stayed 'running'."""
+    store = RunStore(tmp_path / "home")
+    run_id = make_run(store, status="running")
+    source, first = inspect.getsourcelines(RunStore._write_on)
+    target = first + next(i for i, line in enumerate(source) if after_line in line)
+    code = RunStore._write_on.__code__
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno > target and not fired:
+                fired.append(frame.f_lineno)
+                raise KeyboardInterrupt  # what the SIGINT handler raises between two bytecodes
+            return local
+        return local
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.log_metrics(run_id, [{"step": 6, "epoch": 0, "split": "train", "key": "loss", "value": 0.1}])
+    finally:
+        sys.settrace(None)
+    assert fired, "the interrupt was never injected"
+    store.set_status(run_id, "interrupted", "stopped by Ctrl-C")
+    assert store.get_run(run_id)["status"] == "interrupted"
+    assert [m["step"] for m in store.metrics(run_id, key="loss")] == [1, 2, 3, 4, 5]  # the cut write rolled back

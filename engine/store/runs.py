@@ -290,6 +290,14 @@ class RunStore:
                                 "list, show and export work, but nothing can be written: set LANCE_HOME to a "
                                 "writable folder")
         conn = self._connect()
+        _rollback_quietly(conn)  # a write interrupted (Ctrl-C) between BEGIN and COMMIT left it open
+        try:
+            return self._write_on(conn, fn)
+        except BaseException:  # KeyboardInterrupt can land on any bytecode, also right after BEGIN
+            _rollback_quietly(conn)
+            raise
+
+    def _write_on(self, conn: sqlite3.Connection, fn):
         deadline = time.monotonic() + _BUSY_TIMEOUT_S * 2
         try:
             while True:
@@ -302,16 +310,8 @@ class RunStore:
                     if time.monotonic() > deadline:
                         raise StoreError(f"the run store {self.db_path} stayed locked: {exc}") from exc
                     time.sleep(0.01 + secrets.randbelow(20) / 1000)
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
+            result = fn(conn)
+            conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             if _is_readonly_error(exc) or "disk" in str(exc) or "full" in str(exc):
                 raise StoreUnavailable(f"cannot write the run store {self.db_path}: {exc}; free disk space or "
@@ -795,6 +795,15 @@ def _is_readonly_error(exc: BaseException) -> bool:
 
 def _errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno, "?") if exc.errno else type(exc).__name__
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Roll back an open transaction on ``conn``, if any; a connection that cannot is left to the next write."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _connect_read_only(db_path: Path) -> sqlite3.Connection:
