@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from engine.memory import StepMeter, peak_due
 from engine.packing import pack_region
 from engine.phases import report
-from engine.train.faults import TrainingDiverged
+from engine.train.faults import TrainingDiverged, raise_if_interrupted
 
 from .learner import ContinualConfig, ContinualLearner
 from .metrics import summarize
@@ -187,6 +187,7 @@ def run_sequence(
             correct = total = 0
             ep_loss = 0.0
             for x, y in _loader(task.train, config.batch_size, True, _task_seed(config.seed, t, 100 + epoch)):
+                raise_if_interrupted()  # a stop signal whose exception a finalizer swallowed
                 x, y = x.to(learner.device), y.to(learner.device)
                 optimizer.zero_grad(set_to_none=True)
                 meter = meter_factory(model) if meter_factory is not None else contextlib.nullcontext()

@@ -19,7 +19,7 @@ from engine.data.continual import task_splits
 from engine.memory import StepMeter
 from engine.models import build_multihead
 from engine.train.checkpoint import CheckpointRefused, load_tensors_only
-from engine.train.faults import explain_failure
+from engine.train.faults import explain_failure, interrupt_on_signals
 
 from .learner import ContinualConfig, ContinualLearner
 from .runner import SampledStepMeters, TaskRecord, peak_over, run_sequence, task_rows
@@ -152,9 +152,10 @@ def _execute(store, run_id: str, spec: SequenceSpec, method: str, tasks: list, l
                                     "value": v} for k, v in values.items()])
 
     try:
-        run_sequence(learner.model, tasks, config, device=spec.device, start_task=start_task,
-                     acc_matrix=acc_matrix, on_task_end=on_task_end, on_epoch_end=on_epoch_end,
-                     learner=learner, meter_factory=meter_factory)
+        with interrupt_on_signals():
+            run_sequence(learner.model, tasks, config, device=spec.device, start_task=start_task,
+                         acc_matrix=acc_matrix, on_task_end=on_task_end, on_epoch_end=on_epoch_end,
+                         learner=learner, meter_factory=meter_factory)
     except KeyboardInterrupt:
         store.set_status(run_id, "interrupted",
                          f"stopped after {len(records)} of {len(tasks)} tasks; "

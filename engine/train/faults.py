@@ -58,18 +58,43 @@ class RunInterrupted(KeyboardInterrupt):
     """SIGTERM (or SIGINT) asked the run to stop."""
 
 
+_pending: list[str] = []  # signals received inside ``interrupt_on_signals`` whose exception may have been lost
+
+
 @contextlib.contextmanager
-def interrupt_on_sigterm():
-    """Turn SIGTERM into ``RunInterrupted`` while the block runs (main thread only; else a no-op)."""
+def interrupt_on_signals():
+    """Turn SIGINT (Ctrl-C, the app's Stop) and SIGTERM into ``RunInterrupted`` while the block runs.
+
+    Python drops an exception raised while a finalizer or ``__del__`` runs ("Exception ignored in …"): a
+    signal landing there would be lost and the run would go on. The signal is also remembered, and
+    :func:`raise_if_interrupted` (the training loops call it at every step) raises it again. Main thread only;
+    elsewhere a no-op.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, _frame):
-        raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+        name = signal.Signals(signum).name
+        _pending.append(name)
+        raise RunInterrupted(_signal_message(name))
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _pending.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``RunInterrupted`` when a stop signal arrived and its exception did not reach the run."""
+    if _pending:
+        name = _pending[-1]
+        _pending.clear()
+        raise RunInterrupted(_signal_message(name))
+
+
+def _signal_message(name: str) -> str:
+    return "stopped by Ctrl-C (SIGINT)" if name == "SIGINT" else f"stopped by signal {name}"

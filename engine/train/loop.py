@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.phases import report
 from engine.train.events import EpochEnded, RunStarted, StepEnded, emit_all
-from engine.train.faults import TrainingDiverged
+from engine.train.faults import TrainingDiverged, raise_if_interrupted
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (x: (B, ...), y: (B,) int64)
 
@@ -119,6 +119,7 @@ def fit(
         epoch_start = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in train_batches(epoch):
+            raise_if_interrupted()  # a stop signal whose exception a finalizer swallowed
             x, y = x.to(device), y.to(device)
             lr = optimizer.param_groups[0]["lr"]
             with probe.measure() as measurement:

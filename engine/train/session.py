@@ -17,7 +17,7 @@ from engine.store import RunStore
 from engine.train.budget import resolve_plans
 from engine.train.config import ConfigError, FinetuneConfig, validate
 from engine.train.events import RunEnded, emit_all
-from engine.train.faults import TrainingDiverged, explain_failure, interrupt_on_sigterm
+from engine.train.faults import TrainingDiverged, explain_failure, interrupt_on_signals
 from engine.train.loop import LoopState, fit
 from engine.train.prepare import Workbench, check_before_runs, prepare
 from engine.train.probe import EngineProbe
@@ -51,7 +51,7 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
         run_sinks = [StoreSink(store, run_id), *(sinks or [])]
         log(f"[{method}] run {run_id}")
         try:
-            with interrupt_on_sigterm():
+            with interrupt_on_signals():
                 if bench is None:
                     bench = prepare(config, log)                           # prepare, once per command
                 store.update_config(run_id, bench.describe())
