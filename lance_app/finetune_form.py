@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lance_app.form_store import like_default
 from lance_app.state import METHODS
 
 DEFAULTS = {"ft_methods": ["vanilla", "asi"], "ft_epochs": 1, "ft_batch": 64, "ft_lr": 0.05, "ft_limit": 512,
@@ -29,22 +30,8 @@ RULES = [
 
 
 def coerce(key: str, value, methods: tuple[str, ...] = METHODS):
-    """A stored value in the widget's type (ints stay ints, floats floats; unknown methods dropped), else the
-    default: a hand-edited or old form file never breaks the page."""
-    default = DEFAULTS[key]
-    try:
-        if isinstance(default, list):
-            return [m for m in value if m in methods] if isinstance(value, list) else list(default)
-        if isinstance(default, bool):
-            return bool(value)
-        if isinstance(default, int):
-            number = float(value)
-            return int(number) if number == int(number) else default
-        if isinstance(default, float):
-            return float(value)
-        return str(value if value is not None else "")
-    except (TypeError, ValueError, OverflowError):
-        return default
+    """A stored value in the widget's type (unknown methods dropped), else the default."""
+    return like_default(DEFAULTS[key], value, methods if key == "ft_methods" else None)
 
 
 @dataclass

@@ -41,3 +41,38 @@ def save_form(form: str, values: dict, home: str | Path | None = None) -> bool:
     tmp.write_text(json.dumps(values, indent=1, sort_keys=True))
     os.replace(tmp, path)
     return True
+
+
+def like_default(default, value, allowed: tuple | list | None = None):
+    """``value`` in the type of ``default`` (ints stay ints, floats floats, lists keep only ``allowed``
+    items, a scalar not in ``allowed`` falls back), else ``default``: a hand-edited or old form file never
+    breaks a page."""
+    try:
+        if isinstance(default, list):
+            if not isinstance(value, list):
+                return list(default)
+            return [v for v in value if allowed is None or v in allowed]
+        if allowed is not None and value not in allowed:
+            return default
+        if isinstance(default, bool):
+            return bool(value)
+        if isinstance(default, int):
+            number = float(value)
+            return int(number) if number == int(number) else default
+        if isinstance(default, float):
+            return float(value)
+        return str(value if value is not None else "")
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
+def seed_session(state, form: str, defaults: dict, allowed: dict | None = None, flag: str | None = None) -> dict:
+    """Once per session, put the form's stored values (or the defaults) into ``state`` (Streamlit's
+    session_state) under the widget keys; returns what was stored."""
+    stored = load_form(form)
+    flag = flag or f"{form}_form_seeded"
+    if not state.get(flag):
+        for key, default in defaults.items():
+            state[key] = like_default(default, stored.get(key, default), (allowed or {}).get(key))
+        state[flag] = True
+    return stored

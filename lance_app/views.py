@@ -7,8 +7,8 @@ import streamlit as st
 
 from lance_app import figures
 from lance_app.catalog import Unavailable
-from lance_app.live import JobView, readable_failure
-from lance_app.state import attach_job, job_runner, open_store
+from lance_app.live import JobView, phase_line, readable_failure
+from lance_app.state import attach_job, job_runner, open_store, show_error
 
 
 def job_view(kind: str, job_id: str) -> JobView:
@@ -99,6 +99,27 @@ def stop_button(kind: str, job_id: str, alive: bool) -> None:
         time.sleep(0.3)
 
 
+def start_job(kind: str, args: list[str], label: str, extra: dict):
+    """Start ``lance <kind> *args`` as a background job, attach this session to it and drop the old view;
+    the job, or None after showing why it could not start."""
+    try:
+        job = job_runner().start(kind, args, label=label, extra=extra)
+    except Exception as exc:
+        show_error(f"Could not start the job: {exc}", exc)
+        return None
+    attach_job(kind, job.job_id)
+    st.session_state.pop(f"{kind}_view", None)
+    return job
+
+
+def phase_progress(job_id: str, alive: bool) -> None:
+    """While the job runs, one progress slot with its phase (decoding, caching, calibrating, training, …):
+    the same slot before the first phase arrives, so the layout does not jump."""
+    if not alive:
+        return
+    phase = phase_line(open_store().phase(job_id), time.time())
+    st.progress((phase[1] or 0.0) if phase else 0.0,
+                text=f"Phase: {phase[0]}" if phase else "Phase: starting (no phase reported yet)")
 
 
 def chart(fig, key: str, empty_message: str, container=None) -> None:

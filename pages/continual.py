@@ -5,11 +5,23 @@ import streamlit as st
 
 from lance_app import catalog, continual_view, figures
 from lance_app.catalog import Unavailable
+from lance_app.form_store import save_form, seed_session
 from lance_app.live import POLL_S, job_progress
-from lance_app.state import CONTINUAL_METHODS, attach_job, attached_job, job_runner, setup_config, show_error
-from lance_app.views import cached_figures, chart, job_state, poll_view, running_jobs_picker, status_banner, stop_button
+from lance_app.state import CONTINUAL_METHODS, attached_job, job_runner, setup_config
+from lance_app.views import (
+    cached_figures,
+    chart,
+    job_state,
+    phase_progress,
+    poll_view,
+    running_jobs_picker,
+    start_job,
+    status_banner,
+    stop_button,
+)
 
 KIND = "continual"
+FORM = "continual"
 TASKS = {"split-digits": 5, "split-cifar10": 5, "split-cifar100": 10, "5-datasets": 5}
 st.title("Continual learning")
 st.caption("Task-incremental: one head per task, the whole backbone trained. LANCE keeps each new "
@@ -23,31 +35,41 @@ except Unavailable as exc:
     backbones = [catalog.DEFAULT_BACKBONE]
     st.info(f"Backbone list unavailable: {exc}")
 
+labels = {o.value: o.label for o in benchmarks}
+cl_backbones = [b for b in backbones if b.endswith("-cl") or b.endswith("-reduced")] or backbones
+DEFAULTS = {"cl_benchmark": next(iter(labels), ""), "cl_backbone": cl_backbones[0], "cl_methods": ["lance", "finetune"],
+            "cl_epochs": 1, "cl_limit": 200, "cl_eps": 0.97, "cl_eps_step": 0.003, "cl_batch": 64, "cl_lr": 0.01,
+            "cl_momentum": 0.0, "cl_compress_first": True}
+seed_session(st.session_state, FORM, DEFAULTS,  # the last values started here: a reload keeps them
+             {"cl_benchmark": list(labels), "cl_backbone": cl_backbones, "cl_methods": CONTINUAL_METHODS})
+
 with st.form("continual_form"):
     c1, c2 = st.columns(2)
-    bench = c1.selectbox("Benchmark", benchmarks, format_func=lambda o: o.label, key="cl_benchmark")
-    cl_backbones = [b for b in backbones if b.endswith("-cl") or b.endswith("-reduced")] or backbones
+    bench = c1.selectbox("Benchmark", list(labels), format_func=labels.get, key="cl_benchmark")
     backbone = c2.selectbox("Backbone", cl_backbones, key="cl_backbone")
-    methods = st.multiselect("Methods", CONTINUAL_METHODS, default=["lance", "finetune"], key="cl_methods")
+    methods = st.multiselect("Methods", CONTINUAL_METHODS, key="cl_methods")
     c3, c4, c5, c6 = st.columns(4)
-    epochs = c3.number_input("Epochs per task", 1, 100, 1, key="cl_epochs")
-    limit_train = c4.number_input("Training images per task (0 = all)", 0, 100_000, 200, step=50, key="cl_limit")
-    eps_cl = c5.number_input("ε_cl start", 0.5, 0.9999, 0.97, format="%.4f", key="cl_eps")
-    eps_step = c6.number_input("ε_cl step per task", 0.0, 0.05, 0.003, format="%.4f", key="cl_eps_step")
+    epochs = c3.number_input("Epochs per task", 1, 100, key="cl_epochs")
+    limit_train = c4.number_input("Training images per task (0 = all)", 0, 100_000, step=50, key="cl_limit")
+    eps_cl = c5.number_input("ε_cl start", 0.5, 0.9999, format="%.4f", key="cl_eps")
+    eps_step = c6.number_input("ε_cl step per task", 0.0, 0.05, format="%.4f", key="cl_eps_step")
     c7, c8, c9, c10 = st.columns(4)
-    batch_size = c7.number_input("Batch size", 1, 4096, 64, key="cl_batch")
-    lr = c8.number_input("SGD learning rate", 1e-5, 1.0, 0.01, format="%.4f", key="cl_lr")
-    momentum = c9.number_input("SGD momentum", 0.0, 0.99, 0.0, step=0.1, format="%.2f", key="cl_momentum",
+    batch_size = c7.number_input("Batch size", 1, 4096, key="cl_batch")
+    lr = c8.number_input("SGD learning rate", 1e-5, 1.0, format="%.4f", key="cl_lr")
+    momentum = c9.number_input("SGD momentum", 0.0, 0.99, step=0.1, format="%.2f", key="cl_momentum",
                                help="No weight decay and no Adam: they would move weights out of the allowed subspace")
-    compress_first = c10.checkbox("LANCE: compress task 0 too", True, key="cl_compress_first",
+    compress_first = c10.checkbox("LANCE: compress task 0 too", key="cl_compress_first",
                                   help="Off: task 0 trains with full activations (GPM's memory for that task)")
     submitted = st.form_submit_button("Start task sequence", type="primary")
 
 if submitted:
+    save_form(FORM, {key: st.session_state.get(key) for key in DEFAULTS})
     if not methods:
         st.error("Choose at least one method.")
+    elif not bench:
+        st.error("No continual benchmark is available: the Setup page lists the datasets and where to put them.")
     else:
-        benchmark, _, dataset = bench.value.partition("|")
+        benchmark, _, dataset = bench.partition("|")
         args = ["--benchmark", benchmark, "--backbone", backbone, "--method", ",".join(methods),
                 "--epochs", str(epochs), "--eps-cl", str(eps_cl), "--eps-cl-step", str(eps_step),
                 "--batch-size", str(batch_size), "--lr", str(lr), "--momentum", str(momentum),
@@ -58,14 +80,8 @@ if submitted:
             args += ["--dataset", dataset]
         if limit_train:
             args += ["--limit-train", str(limit_train)]
-        n_tasks = TASKS.get(benchmark, 0)
-        try:
-            job = job_runner().start(KIND, args, label=f"{','.join(methods)} on {benchmark}",
-                                     extra={"methods": methods, "n_tasks": int(n_tasks)})
-            attach_job(KIND, job.job_id)
-            st.session_state.pop(f"{KIND}_view", None)
-        except Exception as exc:
-            show_error(f"Could not start the job: {exc}", exc)
+        start_job(KIND, args, label=f"{','.join(methods)} on {benchmark}",
+                  extra={"methods": methods, "n_tasks": int(TASKS.get(benchmark, 0))})
 
 job_id = attached_job(KIND)
 running_jobs_picker(KIND, job_id)
@@ -105,6 +121,7 @@ def live_view() -> None:
     head.markdown(f"**Job `{job_id}`** · {'running' if now_alive else 'finished'}")
     with stop_col:
         stop_button(KIND, job_id, now_alive)
+    phase_progress(job_id, now_alive)  # calibrating, training, evaluating, …
     n_runs = len(extra.get("methods", [])) or max(1, len(view.runs))
     n_tasks = int(extra.get("n_tasks") or 0)
     done = 0.0

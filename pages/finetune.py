@@ -1,8 +1,6 @@
 """Fine-tune: choose methods (or a plan from the Budget page), start a job, watch it live, compare at the end."""
 from __future__ import annotations
 
-import time
-
 import streamlit as st
 
 from engine.calibration.plan import PlanError
@@ -18,12 +16,20 @@ from lance_app.calib import (
 from lance_app.catalog import Unavailable
 from lance_app.figures import format_bytes
 from lance_app.finetune_view import build_figures
-from lance_app.form_store import load_form, save_form
-from lance_app.live import POLL_S, job_progress, phase_line, steps_per_run
-from lance_app.state import METHODS, attach_job, attached_job, job_runner, open_store, setup_config, show_error
+from lance_app.form_store import load_form, save_form, seed_session
+from lance_app.live import POLL_S, job_progress, steps_per_run
+from lance_app.state import METHODS, attached_job, job_runner, open_store, setup_config, show_error
 from lance_app.steady import steady_layout
 from lance_app.summary_table import summary_frame
-from lance_app.views import job_state, poll_view, running_jobs_picker, status_banner, stop_button
+from lance_app.views import (
+    job_state,
+    phase_progress,
+    poll_view,
+    running_jobs_picker,
+    start_job,
+    status_banner,
+    stop_button,
+)
 
 KIND = "finetune"
 FORM = "finetune"
@@ -34,12 +40,7 @@ st.caption(f"Setup: **{cfg['backbone']}** ({cfg['weights']}) on **{cfg['dataset'
            f"{cfg['layers']} layers, seed {cfg['seed']} — change it on the Setup page.")
 
 # -- the form: last values from the store (a reload is a new session), the plan from the URL ----------
-stored = load_form(FORM)
-if not st.session_state.get("ft_seeded"):
-    for key, default in finetune_form.DEFAULTS.items():
-        value = stored.get(key, default)
-        st.session_state[key] = finetune_form.coerce(key, value)
-    st.session_state["ft_seeded"] = True
+stored = seed_session(st.session_state, FORM, finetune_form.DEFAULTS, {"ft_methods": METHODS}, flag="ft_seeded")
 if "plan" in st.query_params:
     st.session_state["ft_plan"] = st.query_params["plan"] or None
 elif "ft_plan" not in st.session_state:
@@ -126,16 +127,15 @@ if submitted:
         try:
             plan_args = plan_finetune_args(plan_file, plan) if uses_plan else None
             args = finetune_form.finetune_args(cfg, check.values, plan_args=plan_args, budget_args=planned)
-            batch = int(plan.batch_size) if uses_plan else int(check.values["ft_batch"])
-            job = job_runner().start(KIND, args, label=f"{','.join(methods)} on {cfg['dataset']}",
-                                     extra={"methods": methods, "epochs": int(check.values["ft_epochs"]),
-                                            "plan": plan_file.stem if uses_plan else None,
-                                            "steps_per_run": steps_per_run(int(check.values["ft_limit"]), batch,
-                                                                           int(check.values["ft_epochs"]))})
-            attach_job(KIND, job.job_id)
-            st.session_state.pop(f"{KIND}_view", None)
         except Exception as exc:
             show_error(f"Could not start the job: {exc}", exc)
+        else:
+            batch = int(plan.batch_size) if uses_plan else int(check.values["ft_batch"])
+            start_job(KIND, args, label=f"{','.join(methods)} on {cfg['dataset']}",
+                      extra={"methods": methods, "epochs": int(check.values["ft_epochs"]),
+                             "plan": plan_file.stem if uses_plan else None,
+                             "steps_per_run": steps_per_run(int(check.values["ft_limit"]), batch,
+                                                            int(check.values["ft_epochs"]))})
 
 job_id = attached_job(KIND)
 running_jobs_picker(KIND, job_id)
@@ -165,15 +165,10 @@ def resume_buttons(view, now_alive: bool) -> None:
             continue
         if st.button(f"Resume {run.get('method')} (run {run['id'][-6:]})", key=f"ft_resume_{run['id']}",
                      icon=":material/play_arrow:"):
-            try:
-                new = job_runner().start(KIND, ["--resume", run["id"]], label=f"resume {run.get('method')}",
-                                         extra={"methods": [run.get("method")], "resumed": run["id"],
-                                                "epochs": (run.get("config") or {}).get("epochs")})
-                attach_job(KIND, new.job_id)
-                st.session_state.pop(f"{KIND}_view", None)
+            if start_job(KIND, ["--resume", run["id"]], label=f"resume {run.get('method')}",
+                         extra={"methods": [run.get("method")], "resumed": run["id"],
+                                "epochs": (run.get("config") or {}).get("epochs")}):
                 st.rerun()
-            except Exception as exc:
-                show_error(f"Could not resume run {run['id']}: {exc}", exc)
 
 
 @st.fragment(run_every=POLL_S if alive else None)
@@ -187,10 +182,7 @@ def live_view() -> None:
                   + (f" · plan `{extra['plan']}`" if extra.get("plan") else ""))
     with stop_col:
         stop_button(KIND, job_id, now_alive)
-    phase = phase_line(open_store().phase(job_id) if now_alive else None, time.time())  # decoding, caching, …
-    if now_alive:  # one slot while running, so the layout does not jump when the first phase arrives
-        st.progress((phase[1] or 0.0) if phase else 0.0,
-                    text=f"Phase: {phase[0]}" if phase else "Phase: starting (no phase reported yet)")
+    phase_progress(job_id, now_alive)  # decoding, caching, calibrating, training, …
     n_runs = len(extra.get("methods", [])) or max(1, len(view.runs))
     progress = job_progress(view, n_runs, extra.get("steps_per_run"), extra.get("epochs"))
     st.progress(progress, text=f"{progress:.0%} · {len(view.runs)}/{n_runs} run(s) started")

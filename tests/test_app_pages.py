@@ -268,7 +268,7 @@ def test_continual_page_draws_matrix_tiles_and_usage():
     assert table["ACC %"].tolist() == [91.5] and table["peak layer bytes"].tolist() == [62_669.0]
     usage = figs["subspace usage per layer"]["data"][0]
     assert usage["x"] == [0, 1] and usage["y"] == pytest.approx([0.2, 0.4])
-    assert at.selectbox(key="cl_benchmark").value.value == "split-digits"
+    assert at.selectbox(key="cl_benchmark").value == "split-digits"
 
 
 def test_continual_page_starts_a_real_job_with_its_training_settings():
@@ -290,6 +290,11 @@ def test_continual_page_starts_a_real_job_with_its_training_settings():
     argv = runner.get(job_id).argv
     assert argv[argv.index("--batch-size") + 1] == "16" and argv[argv.index("--momentum") + 1] == "0.5"
     assert "--no-compress-first-task" in argv
+    again = _page("continual").run()  # a reload is a new session: it finds the values last started
+    no_exception(again)
+    assert again.multiselect(key="cl_methods").value == ["lance"]
+    assert (again.number_input(key="cl_batch").value, again.number_input(key="cl_lr").value) == (16, 0.02)
+    assert again.checkbox(key="cl_compress_first").value is False
     runner.wait(job_id, timeout_s=240)
     run = RunStore().list_runs(job_id=job_id)[0]
     assert run["status"] == "completed", run
