@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from engine.store import RunStore
+from lance_app.continual_view import MATRICES_TITLE
 
 pytestmark = pytest.mark.browser
 
@@ -63,6 +64,56 @@ WATCH_JS = """(title) => {
     if (n !== last) { last = n; window.__seen.push([n, Date.now() / 1000]); }
   }, 10);
 }"""
+
+
+# Every st.dataframe as rows of cell texts (header first): Streamlit's grid draws on a canvas and keeps an
+# accessible table (role=row / gridcell) beside it.
+TABLES_JS = """() => [...document.querySelectorAll('[data-testid=stDataFrame]')].map(t =>
+  [...t.querySelectorAll('[role=row]')].map(r =>
+    [...r.querySelectorAll('[role=gridcell],[role=columnheader]')].map(c => c.innerText.trim())))"""
+# One trace of a chart found by its title: {x, y} of the trace named `name` (null when absent).
+TRACE_JS = """([title, name]) => {
+  for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+    const raw = gd.layout && gd.layout.title && (gd.layout.title.text || gd.layout.title);
+    const t = typeof raw === 'string' ? raw.replace(/<[^>]*>/g, '') : '';
+    if (t !== title) continue;
+    const tr = (gd.data || []).find(d => d.name === name);
+    return tr ? {x: Array.from(tr.x || []), y: Array.from(tr.y || [])} : null;
+  }
+  return null;
+}"""
+
+SHAPES_X_JS = """(title) => {
+  for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+    const raw = gd.layout && gd.layout.title && (gd.layout.title.text || gd.layout.title);
+    const t = typeof raw === 'string' ? raw.replace(/<[^>]*>/g, '') : '';
+    if (t === title) return (gd.layout.shapes || []).map(s => s.x0);
+  }
+  return null;
+}"""
+
+
+def _by(table: list[dict], method: str) -> dict:
+    return next(r for r in table if r["method"] == method)
+
+
+def _table(page, first_header: str, has: str) -> list[dict]:
+    """The st.dataframe whose header starts with ``first_header`` and names ``has``, as dicts per row."""
+    for rows in page.evaluate(TABLES_JS):
+        if rows and rows[0] and rows[0][0] == first_header and has in rows[0]:
+            return [dict(zip(rows[0], r)) for r in rows[1:] if r]
+    return []
+
+
+def _wait_table(page, first_header: str, has: str, rows: int, timeout_s: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        table = _table(page, first_header, has)
+        if len(table) >= rows:
+            return table
+        page.wait_for_timeout(300)
+    raise AssertionError(f"no table {first_header!r}…{has!r} with {rows} rows in {timeout_s:.0f} s: "
+                         f"{page.evaluate(TABLES_JS)}")
 
 
 def _free_port() -> int:
@@ -240,6 +291,7 @@ def test_finetune_live_reload_stop_and_runs_table(server, browser, shots):
 STANDIN_WRITER = textwrap.dedent('''
     import json, random, sys, time
     from engine.store import RunStore
+from lance_app.continual_view import MATRICES_TITLE
     out, job_id = sys.argv[2], sys.argv[sys.argv.index("--job-id") + 1]
     store = RunStore()
     run = store.create_run(kind="finetune", method="vanilla", config={"epochs": 1}, job_id=job_id)
@@ -311,17 +363,19 @@ def test_spectra_and_budget_pages_draw_their_charts(server, browser, shots):
     page.keyboard.press("Enter")
     page.get_by_text("Chosen total").wait_for()
     page.wait_for_function("() => new URLSearchParams(location.search).get('budget_text') === '16KiB'")
+    front = "Σ perplexity against the budget (exact front)"
+    before = _wait_plan_drawn(page, front, budget_bytes=16 * 1024)
     # drag the log slider with the keyboard: the exact budget field (and the URL) follow it, upwards
     page.get_by_role("slider").first.focus()
     for _ in range(8):
         page.keyboard.press("ArrowRight")
-    deadline = time.monotonic() + 60
-    while not field.input_value().isdigit() and time.monotonic() < deadline:  # the field follows the slider
-        page.wait_for_timeout(200)
-    moved = int(field.input_value())
+    moved = _settled_budget(page, field)  # the field (and the URL) follow the slider, step by step
     assert moved > 16 * 1024, moved
-    page.wait_for_function(f"() => new URLSearchParams(location.search).get('budget_text') === '{moved}'",
-                           timeout=60_000)
+    after = _wait_plan_drawn(page, front, budget_bytes=moved)
+    # the front's marker and the rank table moved with the slider: a larger budget buys more bytes and a
+    # lower Σ perplexity, and the marker sits where the table's bytes add up
+    assert after["marker_bytes"] > before["marker_bytes"] and after["marker_perplexity"] < before["marker_perplexity"]
+    assert after["ranks"] != before["ranks"]
     page.screenshot(path=str(shots / "budget.png"), full_page=True)
     # "Train this plan" opens Fine-tune with ?plan=ID; a reload keeps the plan
     page.get_by_role("button", name="Train this plan").click()
@@ -332,7 +386,125 @@ def test_spectra_and_budget_pages_draw_their_charts(server, browser, shots):
     page.get_by_text("Training plan").first.wait_for(timeout=60_000)
     page.get_by_text(plan_id, exact=False).first.wait_for(timeout=60_000)
     assert page.evaluate("() => new URLSearchParams(location.search).get('plan')") == plan_id
+    PLAN_SEEN.update(id=plan_id, marker_bytes=after["marker_bytes"], ranks=after["ranks"])
+    page.close()
+
+
+PLAN_SEEN: dict = {}  # the plan the budget test sent to the Fine-tune page (the next test trains it)
+
+
+def _settled_budget(page, field, timeout_s: float = 60) -> int:
+    """The exact budget field's value once the slider's steps have all arrived: digits, the same for 1.5 s,
+    and the URL's ``budget_text`` equal to it."""
+    deadline = time.monotonic() + timeout_s
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        value = field.input_value()
+        url = page.evaluate("() => new URLSearchParams(location.search).get('budget_text')")
+        if value != last:
+            last, since = value, time.monotonic()
+        elif value.isdigit() and url == value and time.monotonic() - since > 1.5:
+            return int(value)
+        page.wait_for_timeout(200)
+    raise AssertionError(f"the budget field did not settle after the slider moved: {last!r}")
+
+
+def _wait_plan_drawn(page, front: str, budget_bytes: int, timeout_s: float = 60) -> dict:
+    """The Budget page once it shows the plan for ``budget_bytes``: the front's marker (bytes, Σ perplexity)
+    and the rank table's rows; the marker's bytes equal the table's bytes column summed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = page.evaluate(SHAPES_X_JS, front)  # the dashed budget line and the dotted vanilla line
+        marker = page.evaluate(TRACE_JS, [front, "this plan"])
+        table = _table(page, "layer", "vanilla bytes")
+        budget_drawn = bool(lines) and any(abs(float(x) - budget_bytes) < 1 for x in lines)
+        if budget_drawn and marker and table and sum(int(r["bytes"]) for r in table) == round(marker["x"][0]):
+            return {"marker_bytes": float(marker["x"][0]), "marker_perplexity": float(marker["y"][0]),
+                    "ranks": [[r["layer"], r["B"], r["C"], r["H"], r["W"], r["F"]] for r in table]}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Budget page did not show the plan for {budget_bytes} B: lines at {lines}, "
+                                 f"marker {marker}, table {table}")
+        page.wait_for_timeout(200)
+
+
+def test_train_this_plan_then_the_end_of_job_table(server, browser, shots):
+    """The plan the Budget test sent: started from the Fine-tune page, the job trains exactly it (ASI's
+    measured layer bytes = the plan's total = the front's marker), and the page ends with the summary table."""
+    assert PLAN_SEEN, "needs test_spectra_and_budget_pages_draw_their_charts (it makes the plan)"
+    base, home, _ = server
+    page = _new_page(browser, height=2600)
+    page.goto(f"{base}/finetune?plan={PLAN_SEEN['id']}")
+    page.get_by_text("Training plan").first.wait_for(timeout=60_000)
+    page.get_by_role("spinbutton", name="Epochs", exact=True).fill("1")
+    page.get_by_role("spinbutton", name="Training images (0 = all)", exact=True).fill("256")
+    page.get_by_role("spinbutton", name="Validation images (0 = all)", exact=True).fill("200")
+    page.keyboard.press("Tab")
+    page.wait_for_timeout(500)
+    page.get_by_role("button", name="Start fine-tuning").click()
+    page.wait_for_url("**/finetune?*job=*")
+    job_id = page.url.split("job=")[1].split("&")[0]
+    from lance_app.jobs import JobRunner
+
+    job = JobRunner(home).get(job_id)
+    assert job.extra["plan"] == PLAN_SEEN["id"] and "--ranks" in job.argv  # the job trains the plan's file
+    page.get_by_text(f"Job {job_id}").first.wait_for()
+    table = _wait_table(page, "method", "× vs vanilla (layer)", rows=2, timeout_s=240)
+    page.get_by_role("heading", name="Summary", exact=True).wait_for(timeout=60_000)  # the job ended
+    table = _table(page, "method", "× vs vanilla (layer)")
+    assert [r["method"] for r in table] == ["vanilla", "asi"] and {r["status"] for r in table} == {"completed"}
+    runs = {r["method"]: r for r in RunStore(home, mark_orphans=False).list_runs(job_id=job_id)}
+    asi = runs["asi"]["summary"]
+    assert asi["plan_source"] and asi["plan_total_bytes"] == round(PLAN_SEEN["marker_bytes"])
+    assert asi["layer_activation_bytes"] == asi["plan_total_bytes"]  # measured = planned = the marker
+    vanilla = runs["vanilla"]["summary"]
+    ratio = float(table[1]["× vs vanilla (layer)"])
+    assert ratio == round(vanilla["layer_activation_bytes"] / asi["layer_activation_bytes"], 1) and ratio > 1
+    assert float(table[0]["final acc %"]) == round(vanilla["val_acc"], 2)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(shots / "finetune_compare.png"), full_page=True)
+    page.close()
+
+
+def test_continual_methods_side_by_side(server, browser, shots):
+    """A real three-method task sequence on split digits, started from the page: one summary row per
+    method (ACC, BWT, peaks) and one accuracy matrix per method in the same chart."""
+    base, home, _ = server
+    page = _new_page(browser, height=2600)
     page.goto(base + "/continual")
     page.get_by_role("heading", name="Continual learning").wait_for()
-    page.get_by_role("button", name="Start task sequence").wait_for()
+    page.locator(".st-key-cl_methods input").click()  # the form's default: lance, finetune; add gpm
+    page.get_by_role("option", name="gpm", exact=True).click()
+    page.keyboard.press("Escape")
+    page.get_by_role("spinbutton", name="Training images per task (0 = all)", exact=True).fill("40")
+    page.keyboard.press("Tab")
+    page.get_by_role("spinbutton", name="Batch size", exact=True).fill("16")
+    page.keyboard.press("Tab")
+    page.get_by_role("button", name="Start task sequence").click()
+    page.wait_for_url("**/continual?*job=*")
+    job_id = page.url.split("job=")[1].split("&")[0]
+    table = _wait_table(page, "method", "BWT", rows=3, timeout_s=300)
+    deadline = time.monotonic() + 300
+    store = RunStore(home, mark_orphans=False)
+    while any(r["status"] in ("running", "created") for r in store.list_runs(job_id=job_id)):
+        assert time.monotonic() < deadline, "the task sequence did not end in 300 s"
+        time.sleep(0.5)
+    page.get_by_text("finished").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(2500)  # the last poll
+    table = _table(page, "method", "BWT")
+    runs = {r["method"]: r for r in RunStore(home, mark_orphans=False).list_runs(job_id=job_id)}
+    assert sorted(r["method"] for r in table) == sorted(runs) == ["finetune", "gpm", "lance"]
+    store = RunStore(home, mark_orphans=False)
+    for row in table:  # the row's ACC / BWT: the run's last task row (after task 4), to the 2 decimals shown
+        run_id = runs[row["method"]]["id"]
+        for key, column in (("ACC", "ACC %"), ("BWT", "BWT")):
+            last = store.metrics(run_id, key=key, split="task")[-1]
+            assert last["task"] == 4 and float(row[column]) == pytest.approx(last["value"], abs=0.006)
+    assert float(_by(table, "finetune")["BWT"]) < min(float(_by(table, m)["BWT"]) for m in ("lance", "gpm"))
+    matrices = page.evaluate("""(title) => { for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+        const raw = gd.layout && gd.layout.title && (gd.layout.title.text || gd.layout.title);
+        if (typeof raw === 'string' && raw.replace(/<[^>]*>/g, '') === title)
+          return gd.data.filter(d => d.type === 'heatmap').map(d => d.z.length); } return null; }""",
+                             MATRICES_TITLE)
+    assert matrices == [5, 5, 5], matrices  # split digits: 5 tasks, one 5×5 matrix per method, side by side
+    page.screenshot(path=str(shots / "continual.png"), full_page=True)
     page.close()
