@@ -291,7 +291,6 @@ def test_finetune_live_reload_stop_and_runs_table(server, browser, shots):
 STANDIN_WRITER = textwrap.dedent('''
     import json, random, sys, time
     from engine.store import RunStore
-from lance_app.continual_view import MATRICES_TITLE
     out, job_id = sys.argv[2], sys.argv[sys.argv.index("--job-id") + 1]
     store = RunStore()
     run = store.create_run(kind="finetune", method="vanilla", config={"epochs": 1}, job_id=job_id)
@@ -450,7 +449,7 @@ def test_train_this_plan_then_the_end_of_job_table(server, browser, shots):
     page.get_by_text(f"Job {job_id}").first.wait_for()
     table = _wait_table(page, "method", "× vs vanilla (layer)", rows=2, timeout_s=240)
     page.get_by_role("heading", name="Summary", exact=True).wait_for(timeout=60_000)  # the job ended
-    table = _table(page, "method", "× vs vanilla (layer)")
+    table = _wait_table(page, "method", "× vs vanilla (layer)", rows=2)  # (redrawn once at the end)
     assert [r["method"] for r in table] == ["vanilla", "asi"] and {r["status"] for r in table} == {"completed"}
     runs = {r["method"]: r for r in RunStore(home, mark_orphans=False).list_runs(job_id=job_id)}
     asi = runs["asi"]["summary"]
