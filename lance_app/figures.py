@@ -197,10 +197,7 @@ def prefixed_metric_figure(df: pd.DataFrame, prefix: str, split: str | None = No
         fig.update_yaxes(type="log")
     if df is None or df.empty:
         return fig
-    sel = df[df["key"].astype(str).str.startswith(prefix)]
-    if split is not None:
-        sel = sel[sel["split"] == split]
-    sel = sel.dropna(subset=[x, "value"]).drop_duplicates(subset=["label", "key", "split", x], keep="first")
+    sel = _prefixed_rows(df, prefix, split, x)
     many = sel["label"].nunique() > 1
     keys = list(dict.fromkeys(sel["key"].astype(str).tolist()))
     short = short_layer_names([k[len(prefix):] for k in keys])
@@ -215,6 +212,15 @@ def prefixed_metric_figure(df: pd.DataFrame, prefix: str, split: str | None = No
         fig.update_layout(height=320 + 22 * ((len(fig.data) + 1) // 2), legend=dict(orientation="h", y=-0.3))
     _finish_axes(fig, x, sel[x].tolist(), sel["value"].tolist(), log_y)
     return fig
+
+
+def _prefixed_rows(df: pd.DataFrame, prefix: str, split: str | None, x: str) -> pd.DataFrame:
+    """The rows whose key starts with ``prefix`` (of ``split`` when given) that have ``x`` and a value, the
+    first of each (label, key, split, x): an epoch's summary row does not repeat its last step's point."""
+    sel = df[df["key"].astype(str).str.startswith(prefix)]
+    if split is not None:
+        sel = sel[sel["split"] == split]
+    return sel.dropna(subset=[x, "value"]).drop_duplicates(subset=["label", "key", "split", x], keep="first")
 
 
 RANKS_TITLE = "ranks in use"
@@ -232,10 +238,7 @@ def ranks_figure(df: pd.DataFrame, split: str = "train", x: str = "step", title:
     fig = _figure(title, x, "rank")
     if df is None or df.empty:
         return fig
-    sel = df[df["key"].astype(str).str.startswith(prefix)]
-    if split is not None:
-        sel = sel[sel["split"] == split]
-    sel = sel.dropna(subset=[x, "value"]).drop_duplicates(subset=["label", "key", "split", x], keep="first")
+    sel = _prefixed_rows(df, prefix, split, x)
     if sel.empty:
         return fig
     layer_mode = sel["key"].astype(str).str.slice(len(prefix)).str.rsplit("/", n=1)

@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from engine.cli._output import fail
 from engine.cli._output import write_json as _write_json
 from engine.cli.validate import check_json_target
 from engine.continual import METHODS
@@ -85,11 +86,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"lance continual: error: {message}", file=sys.stderr)
-    return code
-
-
 def _methods(text: str) -> list[str]:
     methods = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not methods:
@@ -145,7 +141,7 @@ def run(args) -> int:
         check_json_target(args.json)
         store = RunStore()
     except (ValueError, StoreError) as exc:
-        return _fail(str(exc))
+        return fail("continual", str(exc))
     on_phase = cli_phase_callback(store, args.job_id, quiet=args.quiet)
     with reporting(on_phase):
         try:
@@ -180,7 +176,7 @@ def _run(args, store, stream) -> int:
               file=sys.stderr)
         return 130
     except (ValueError, DatasetMissing, StoreError) as exc:
-        return _fail(str(exc))
+        return fail("continual", str(exc))
     if not args.quiet and summaries:
         print_table(summaries, stream=sys.stderr)
     if args.json:

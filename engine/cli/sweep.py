@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from engine.cli._output import fail
 from engine.cli._output import write_json as _write_json
 from engine.store import RunStore, StoreError
 from engine.store.sweeps import SweepStore
@@ -62,11 +63,6 @@ def register(subparsers) -> None:
     p.add_argument("--job-id", default=None, help="tag the sweep with this job id (the app's job runner)")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines")
     p.set_defaults(func=run)
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"lance sweep: error: {message}", file=sys.stderr)
-    return code
 
 
 def _values(text: str) -> list:
@@ -138,7 +134,7 @@ def run(args) -> int:
               file=sys.stderr)
         return 130
     except (SweepError, StoreError, ValueError) as exc:
-        return _fail(str(exc))
+        return fail("sweep", str(exc))
     print_table(results, sys.stderr if args.json == "-" or args.csv == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, results)
