@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 
@@ -12,6 +13,8 @@ from PIL import Image
 
 from engine.data import DatasetMissing, dataset_status, get_dataset, num_classes
 from engine.data import decode as decode_module
+from engine.data.decode import IMAGE_EXTENSIONS
+from engine.data.sources import image_files_under
 
 IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # x == pixel / 255
 
@@ -279,3 +282,23 @@ def test_mnist_svhn_notmnist_formats(tmp_path):
     notmnist = get_dataset("notmnist", "test", data_root=tmp_path, resolution=32)
     assert notmnist.classes == list("ABCDEFGHIJ") and notmnist[0][0].shape == (3, 32, 32)
     assert get_dataset("fashion-mnist", "train", data_root=tmp_path).classes[0] == "T-shirt/top"
+
+
+def test_image_files_under_keeps_the_order_of_sorted_rglob(tmp_path):
+    """Names that sort differently as strings and as path components ('a-b' < 'a/b' as text, 'a/…' first
+    by components), upper case, nested folders, non-images, a folder named like an image, a symlinked
+    file (kept) and a symlinked folder (not followed, as rglob does)."""
+    root = tmp_path / "cls"
+    for rel in ["a/b.png", "a-b.png", "a/c/d.JPG", "B.jpeg", "b.png", "z.txt", "a0.png", "a/c.png/inner.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.png").write_bytes(b"x")
+    os.symlink(outside / "o.png", root / "link.png")
+    os.symlink(outside, root / "linked_dir")
+    expected = [f for f in sorted(root.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+    got = image_files_under(root)
+    assert got == expected
+    assert [str(p.relative_to(root)) for p in got] == [
+        "B.jpeg", "a/b.png", "a/c/d.JPG", "a/c.png/inner.png", "a-b.png", "a0.png", "b.png", "link.png"]
