@@ -2,15 +2,13 @@
 arguments they make. No Streamlit calls (the page draws the widgets; this decides what they mean).
 
 Field keys are the widget keys (``ft_methods``, ``ft_epochs``, …), also the keys of the form store
-(:mod:`lance_app.form_store`, form ``"finetune"``), so a reload finds the last values.
+(:mod:`lance_app.form_store`, form ``"finetune"``; ``seed_session`` puts them back in the widgets' types),
+so a reload finds the last values.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-from lance_app.form_store import like_default
-from lance_app.state import METHODS
 
 DEFAULTS = {"ft_methods": ["vanilla", "asi"], "ft_epochs": 1, "ft_batch": 64, "ft_lr": 0.05, "ft_limit": 512,
             "ft_limit_val": 0, "ft_eps_hosvd": 0.8, "ft_eps_lance": 0.95, "ft_budget": ""}
@@ -27,11 +25,6 @@ RULES = [
     ("ft_eps_hosvd", False, 1e-9, 1.0, "a number in (0, 1], e.g. 0.8"),
     ("ft_eps_lance", False, 1e-9, 1.0, "a number in (0, 1], e.g. 0.95"),
 ]
-
-
-def coerce(key: str, value, methods: tuple[str, ...] = METHODS):
-    """A stored value in the widget's type (unknown methods dropped), else the default."""
-    return like_default(DEFAULTS[key], value, methods if key == "ft_methods" else None)
 
 
 @dataclass
