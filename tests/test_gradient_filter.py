@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
+from engine.geometry import conv_geometry
+from engine.methods import simple
+from engine.methods.simple import broadcast_patches, filtered_input_grad_taps, taps_route_cheaper
 
 
 def _patch_bounds(size: int, patch: int, i: int) -> tuple[int, int]:
@@ -65,6 +68,10 @@ CASES = [
     pytest.param(4, 6, 3, 2, 1, 1, 13, id="3x3-stride2-13x13"),
     pytest.param(4, 5, 5, 1, 2, 1, 9, id="5x5-9x9"),
     pytest.param(4, 5, 3, 1, 0, 1, 7, id="3x3-nopad-7x7"),
+    # wide enough that the FLOP rule takes the taps route (Wᵀ Ḡ on the grid, then the scatter matmul)
+    pytest.param(64, 64, 3, 1, 1, 1, 7, id="taps-3x3-7x7"),
+    pytest.param(64, 64, 3, 1, 1, 1, 6, id="taps-3x3-6x6"),
+    pytest.param(48, 64, 3, 2, 1, 1, 13, id="taps-3x3-stride2-13x13"),
 ]
 
 
@@ -96,3 +103,75 @@ def test_gradient_filter_stores_the_patch_grid_at_7x7():
     assert stored[0, 0, 1, 2] == x[0, 0, 2:4, 4:6].mean()
     assert stored[0, 0, 3, 3] == x[0, 0, 6, 6]
     assert stored[0, 1, 3, 0] == x[0, 1, 6, :2].mean()
+
+
+TAPS_GEOMETRIES = [
+    # (in_ch, out_ch, kernel, stride, padding, dilation, size (H, W), patch)
+    pytest.param(3, 4, (3, 3), (1, 1), (1, 1), (1, 1), (7, 7), 2, id="3x3-7x7"),
+    pytest.param(3, 4, (3, 3), (1, 1), (1, 1), (1, 1), (8, 8), 2, id="3x3-8x8"),
+    pytest.param(3, 4, (3, 3), (2, 2), (1, 1), (1, 1), (13, 11), 2, id="stride2-13x11"),
+    pytest.param(3, 4, (3, 3), (1, 1), (2, 2), (2, 2), (9, 9), 2, id="dilation2"),
+    pytest.param(3, 4, (5, 3), (1, 2), (2, 0), (1, 1), (10, 9), 3, id="rect-5x3-patch3"),
+    pytest.param(3, 4, (2, 2), (1, 1), "same", (1, 1), (7, 7), 2, id="same-even-asymmetric"),
+    pytest.param(3, 4, (3, 3), (1, 1), (0, 0), (1, 1), (7, 7), 4, id="nopad-patch4"),
+]
+
+
+@pytest.mark.parametrize("in_ch,out_ch,kernel,stride,padding,dilation,size,patch", TAPS_GEOMETRIES)
+def test_taps_route_equals_the_broadcast_transposed_conv(in_ch, out_ch, kernel, stride, padding, dilation, size, patch):
+    """``Wᵀ Ḡ`` per tap on the grid, scattered by the fixed 0/1 matrix, is the exact transposed conv of G̃."""
+    torch.manual_seed(sum(size) + patch)
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding, dilation).double()
+    geometry = conv_geometry(conv)
+    input_shape = torch.Size((2, in_ch) + size)
+    out_hw = geometry.output_hw(*size)
+    grid = (-(-out_hw[0] // patch), -(-out_hw[1] // patch))
+    g_avg = torch.randn(2, out_ch, *grid, dtype=torch.float64)
+    weight = conv.weight.detach()
+    expected = geometry.input_grad(broadcast_patches(g_avg, patch, out_hw), weight, input_shape)
+    got = filtered_input_grad_taps(g_avg, weight, geometry, patch, out_hw, input_shape)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_taps_route_is_chosen_where_its_flops_are_lower():
+    """ResNet-18 layer4's 3×3 convs at 7×7 take the taps route; a 28×28 map (scatter matmul too big) does not."""
+    assert taps_route_cheaper((32, 512, 4, 4), (512, 512, 3, 3), (7, 7), (32, 512, 7, 7))
+    assert taps_route_cheaper((32, 256, 7, 7), (256, 256, 3, 3), (14, 14), (32, 256, 14, 14))
+    assert not taps_route_cheaper((32, 128, 14, 14), (128, 128, 3, 3), (28, 28), (32, 128, 28, 28))
+    assert not taps_route_cheaper((3, 6, 4, 4), (6, 5, 3, 3), (7, 7), (3, 5, 7, 7))  # too narrow to pay off
+
+
+@pytest.mark.parametrize("size,patch", [((7, 7), (2, 2)), ((6, 6), (2, 2)), ((14, 13), (4, 4)), ((9, 8), (3, 2))])
+def test_patch_sums_matmul_and_strided_routes_equal_explicit_sums(monkeypatch, size, patch):
+    """Both routes of ``patch_sums`` (0/1 matrix matmul; strided adds over a padded view) give each patch's sum."""
+    torch.manual_seed(size[0] * 7 + patch[0])
+    t = torch.randn(2, 3, *size, dtype=torch.float64)
+    grid = (-(-size[0] // patch[0]), -(-size[1] // patch[1]))
+    expected = torch.zeros(2, 3, *grid, dtype=torch.float64)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            expected[:, :, i, j] = t[:, :, i * patch[0]:(i + 1) * patch[0], j * patch[1]:(j + 1) * patch[1]].sum((2, 3))
+    via_matrix, counts = simple.patch_sums(t, patch, grid)
+    monkeypatch.setattr(simple, "POOL_MATRIX_MAX_ENTRIES", 0)
+    via_strides, counts_strided = simple.patch_sums(t, patch, grid)
+    assert torch.allclose(via_matrix, expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(via_strides, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(counts, counts_strided)
+    last_rows = min(patch[0], size[0] - (grid[0] - 1) * patch[0])
+    last_cols = min(patch[1], size[1] - (grid[1] - 1) * patch[1])
+    assert counts[-1, -1] == last_rows * last_cols
+
+
+@pytest.mark.parametrize("out_hw,patch", [((7, 7), 2), ((6, 6), 2), ((13, 14), 4)])
+def test_broadcast_patches_both_routes_repeat_each_cell_over_its_patch(monkeypatch, out_hw, patch):
+    grid = (-(-out_hw[0] // patch), -(-out_hw[1] // patch))
+    pooled = torch.randn(2, 3, *grid, dtype=torch.float64)
+    expected = torch.empty(2, 3, *out_hw, dtype=torch.float64)
+    for y in range(out_hw[0]):
+        for x in range(out_hw[1]):
+            expected[:, :, y, x] = pooled[:, :, y // patch, x // patch]
+    via_matrix = broadcast_patches(pooled, patch, out_hw)
+    monkeypatch.setattr(simple, "POOL_MATRIX_MAX_ENTRIES", 0)
+    assert torch.equal(via_matrix, expected)
+    assert torch.equal(broadcast_patches(pooled, patch, out_hw), expected)
