@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +42,11 @@ _ONE_SIXTH = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))  # ATen's hards
 
 # ---------------------------------------------------------------------------- bits
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor (any shape, n elements) -> uint8 (⌈n/8⌉,), element i in bit i % 8 of byte i // 8."""
+    """bool tensor (any shape, n elements) -> uint8 (⌈n/8⌉,), element i in bit i % 8 of byte i // 8.
+
+    On CPU numpy's packbits (one C pass: ~30× faster than the shift-and-sum below at 3.4M elements)."""
+    if mask.device.type == "cpu" and mask.dtype == torch.bool:
+        return torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
@@ -55,6 +60,8 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     n = 1
     for s in shape:
         n *= int(s)
+    if packed.device.type == "cpu":  # numpy's unpackbits: 0/1 bytes, viewed as bool without a copy (~12× faster)
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little")).view(torch.bool).view(shape)
     bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
     return bits.reshape(-1)[:n].view(shape).bool()
 
@@ -142,8 +149,8 @@ class _MaskedGrad(torch.autograd.Function):
             grad_in = torch.where(mask, grad * _ONE_SIXTH, grad.new_zeros(()))
         elif ctx.kind == "leaky_relu":
             grad_in = torch.where(mask, grad, grad * ctx.slope)
-        else:  # relu, hardtanh: grad where the mask holds, 0 elsewhere
-            grad_in = grad.masked_fill(~mask, 0)
+        else:  # relu, hardtanh: grad where the mask holds, 0 elsewhere (ATen's own kernel: ~7× masked_fill's speed)
+            grad_in = torch.ops.aten.threshold_backward(grad, mask.to(grad.dtype), 0.5)
         return grad_in, None, None, None, None
 
 
@@ -255,15 +262,29 @@ class _PackedMaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
-        y, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and x.shape[1] > 1:
+            # ATen's CPU kernel vectorises over channels in channels_last: 10-25× faster on (64, 64, 29, 29)
+            # even with the layout copy; same maxima and first-maximum ties (the window is scanned in order)
+            y, idx = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), kernel,
+                                                            stride, padding, dilation, ceil_mode)
+            y, idx = y.contiguous(), idx.contiguous()
+        else:
+            y, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
         width = x.shape[-1]
-        oh = torch.arange(y.shape[-2], device=x.device).view(-1, 1)
-        ow = torch.arange(y.shape[-1], device=x.device).view(1, -1)
+        if idx.numel() and x.shape[-2] * width < 2 ** 31:
+            idx = idx.to(torch.int32)  # int32 arithmetic: half the bytes of int64, faster division
+        row = torch.div(idx, width, rounding_mode="floor")
+        oh = torch.arange(y.shape[-2], device=x.device, dtype=idx.dtype).view(-1, 1)
+        ow = torch.arange(y.shape[-1], device=x.device, dtype=idx.dtype).view(1, -1)
         h0 = oh * stride[0] - padding[0]
         w0 = ow * stride[1] - padding[1]
-        kh = torch.div(torch.div(idx, width, rounding_mode="floor") - h0, dilation[0], rounding_mode="floor")
-        kw = torch.div(idx % width - w0, dilation[1], rounding_mode="floor")
-        offsets = (kh * kernel[1] + kw).to(offset_dtype(kernel[0] * kernel[1]))
+        if dilation == (1, 1):  # kh·k1 + kw = (row − h0)·k1 + (idx − row·W − w0) = idx − row·(W − k1) − (h0·k1 + w0)
+            offsets = idx - row * (width - kernel[1]) - (h0 * kernel[1] + w0)
+        else:
+            kh = torch.div(row - h0, dilation[0], rounding_mode="floor")
+            kw = torch.div(idx - row * width - w0, dilation[1], rounding_mode="floor")
+            offsets = kh * kernel[1] + kw
+        offsets = offsets.to(offset_dtype(kernel[0] * kernel[1]))
         ctx.params = (kernel, stride, padding, dilation, ceil_mode)
         ctx.in_shape = x.shape
         ctx.in_dtype = x.dtype
@@ -277,13 +298,14 @@ class _PackedMaxPool2d(torch.autograd.Function):
         (offsets,) = ctx.saved_tensors
         kernel, stride, padding, dilation, ceil_mode = ctx.params
         width = ctx.in_shape[-1]
-        off = offsets.long()
-        kh, kw = torch.div(off, kernel[1], rounding_mode="floor"), off % kernel[1]
-        oh = torch.arange(off.shape[-2], device=off.device).view(-1, 1)
-        ow = torch.arange(off.shape[-1], device=off.device).view(1, -1)
-        h = oh * stride[0] - padding[0] + kh * dilation[0]
-        w = ow * stride[1] - padding[1] + kw * dilation[1]
-        idx = h * width + w
+        # index = window origin (h0·W + w0, per output position) + the offset's displacement (a k0·k1 table)
+        taps = torch.arange(kernel[0] * kernel[1], device=offsets.device)
+        table = (torch.div(taps, kernel[1], rounding_mode="floor") * (dilation[0] * width)
+                 + (taps % kernel[1]) * dilation[1])
+        oh = torch.arange(offsets.shape[-2], device=offsets.device).view(-1, 1)
+        ow = torch.arange(offsets.shape[-1], device=offsets.device).view(1, -1)
+        origin = (oh * stride[0] - padding[0]) * width + (ow * stride[1] - padding[1])
+        idx = table[offsets.long()] + origin
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         shape_only = torch.empty(ctx.in_shape, dtype=ctx.in_dtype, device=grad.device, memory_format=fmt)
         grad_in = torch.ops.aten.max_pool2d_with_indices_backward(grad, shape_only, kernel, stride, padding,
