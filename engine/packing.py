@@ -11,6 +11,7 @@ Around the compressed layers, autograd keeps whole activations for ops whose bac
 | LeakyReLU | its input, float | 1 bit per element (``x > 0``) |
 | Dropout (CPU) | the scaled noise, float | 1 bit per element (the kept mask); the scale is recomputed bit for bit |
 | Dropout (CUDA) | the bool mask, 1 byte | 1 bit per element |
+| FastDropout (CPU, `engine.dropout`) | the bool mask, 1 byte | 1 bit per element |
 | MaxPool2d | its input (float) + int64 indices | the argmax' offset inside its window, in the narrowest integer type (uint8 up to 256 window positions) |
 | AvgPool2d / AdaptiveAvgPool2d | its input, float (for its shape) | nothing (the shape) |
 
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.dropout import FastDropout, dropout_fast
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 _ONE_SIXTH = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))  # ATen's hardsigmoid slope: 1.0f / 6.0f
@@ -243,6 +246,16 @@ class PackedDropout(nn.Dropout):
         return _PackedDropout.apply(x, float(self.p))
 
 
+class PackedFastDropout(FastDropout):
+    """:class:`engine.dropout.FastDropout` keeping its mask as 1 bit per element (the same masks and numbers)."""
+
+    def forward(self, x):
+        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or x.numel() == 0 \
+                or not _wants_grad(x):
+            return super().forward(x)
+        return dropout_fast(x, self.p, pack=(pack_bits, unpack_bits))
+
+
 # ---------------------------------------------------------------------------- max-pool
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -381,6 +394,7 @@ PACKED_CLASSES: dict[type, type] = {
     nn.Hardsigmoid: PackedHardsigmoid,
     nn.LeakyReLU: PackedLeakyReLU,
     nn.Dropout: PackedDropout,
+    FastDropout: PackedFastDropout,
     nn.MaxPool2d: PackedMaxPool2d,
     nn.AdaptiveAvgPool2d: PackedAdaptiveAvgPool2d,
     nn.AvgPool2d: PackedAvgPool2d,

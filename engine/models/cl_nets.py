@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.dropout import FastDropout
+
 from .registry import CIFAR_MEAN, CIFAR_STD, BackboneEntry, register
 from .stages import Stage, flatten
 
@@ -33,8 +35,8 @@ class AlexNetTrunk(nn.Module):
         self.bn3 = nn.BatchNorm2d(256, track_running_stats=False)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(2)
-        self.drop1 = nn.Dropout(0.2)
-        self.drop2 = nn.Dropout(0.5)
+        self.drop1 = FastDropout(0.2)  # nn.Dropout with a 4-5× faster CPU mask draw (engine.dropout)
+        self.drop2 = FastDropout(0.5)
         side = ((((resolution - 3) // 2 - 2) // 2) - 1) // 2
         if side < 1:
             raise ValueError(f"alexnet-cl needs inputs of at least 32 px, got {resolution}")
