@@ -142,14 +142,14 @@ class CompressedLayer(nn.Module):
         return stash
 
     # -- statistics ----------------------------------------------------------------------------
-    def _forward_macs(self, x: Tensor, out: Tensor) -> int:
+    def forward_macs(self, x: Tensor, out: Tensor) -> int:
         if self.kind == "conv":
             return self.geometry.macs(x.shape[0], out.shape[2], out.shape[3])
         return out.numel() * x.shape[-1]
 
     def _weight_grad_flops(self, x: Tensor, out: Tensor, meta: dict) -> int:
         ranks = meta.get("ranks", list(x.shape))
-        full = 2 * self._forward_macs(x, out)
+        full = 2 * self.forward_macs(x, out)
         if self.method.name == "vanilla" or meta.get("exact") or meta.get("stored") == "raw":
             return full
         if self.method.name == "gradient_filter":
@@ -188,7 +188,7 @@ class CompressedLayer(nn.Module):
 
     def _record(self, x: Tensor, out: Tensor, stash) -> None:
         meta = stash.meta
-        macs = self._forward_macs(x, out)
+        macs = self.forward_macs(x, out)
         analytic = self._analytic_bytes(x, stash)
         stats = {
             "method": self.method.name,
@@ -200,7 +200,7 @@ class CompressedLayer(nn.Module):
             "full_bytes": int(x.numel() * x.element_size()),
             "flops": {
                 "forward": 2 * macs,
-                "input_grad": 2 * macs,
+                "input_grad": int(self.method.input_grad_flops(self, x, out, meta)),
                 "weight_grad": int(self._weight_grad_flops(x, out, meta)),
                 "compress": int(meta.get("flops_compress", 0)),
             },

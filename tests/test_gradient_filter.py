@@ -175,3 +175,25 @@ def test_broadcast_patches_both_routes_repeat_each_cell_over_its_patch(monkeypat
     monkeypatch.setattr(simple, "POOL_MATRIX_MAX_ENTRIES", 0)
     assert torch.equal(via_matrix, expected)
     assert torch.equal(broadcast_patches(pooled, patch, out_hw), expected)
+
+
+@pytest.mark.parametrize("kernel,groups,size,route", [(1, 1, 7, "pointwise"), (3, 1, 7, "taps"), (3, 64, 8, "grid"),
+                                                       (3, 64, 7, "broadcast")])
+def test_flop_model_counts_the_input_gradient_route_taken(kernel, groups, size, route):
+    """``last_stats["flops"]["input_grad"]`` is the route's arithmetic, not the exact transposed conv's."""
+    conv = nn.Conv2d(64, 64, kernel, padding=kernel // 2, groups=groups, bias=False)
+    model = nn.Sequential(conv)
+    handle = engine.compress_model(model, "gradient_filter", layers=["0"], options={"patch": 2})
+    layer = handle.layers["0"]
+    x = torch.randn(4, 64, size, size)
+    out = model(x)
+    assert layer.method.input_grad_route(layer, out.shape, x.shape) == route
+    flops = layer.last_stats["flops"]
+    exact = 2 * 4 * 64 * (64 // groups) * size * size * kernel * kernel
+    cells = 4 * (-(-size // 2)) ** 2
+    expected = {"pointwise": 2 * cells * 64 * 64,
+                "taps": 2 * cells * 64 * 9 * (64 + size * size),
+                "grid": 2 * cells * 64 * 1 * 4 * 4,
+                "broadcast": exact}[route]
+    assert flops["input_grad"] == expected
+    assert flops["forward"] == exact

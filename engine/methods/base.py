@@ -112,6 +112,10 @@ class Method:
                    weight: Tensor, input_shape: torch.Size) -> Tensor:
         return layer.exact_input_grad(grad_output, weight, input_shape)
 
+    def input_grad_flops(self, layer: "CompressedLayer", x: Tensor, out: Tensor, meta: dict) -> int:
+        """FLOPs of :meth:`input_grad` for input ``x`` and output ``out``: the exact transposed op (2 · MACs)."""
+        return 2 * layer.forward_macs(x, out)
+
     def describe(self) -> dict:
         return {"method": self.name}
 

@@ -104,24 +104,61 @@ class GradientFilter(Method):
         kh, kw = geometry.kernel
         return per_tap[:, :, None, None].expand(out_ch, in_per_group, kh, kw).contiguous()
 
-    def input_grad(self, layer, tensors, meta, grad_output: Tensor, weight: Tensor, input_shape) -> Tensor:
-        if meta.get("exact"):
-            return layer.exact_input_grad(grad_output, weight, input_shape)
-        g_avg, _ = self.pool_grad(grad_output)
+    def input_grad_route(self, layer, out_shape, input_shape) -> str:
+        """How :meth:`input_grad` computes dX for a conv with output ``out_shape (B, C', H', W')``:
+        ``pointwise`` (1×1, the channel mix on the grid), ``grid`` (grouped, ``R`` divides ``H'``, ``W'``: one
+        strided transposed conv of Ḡ), ``taps`` (dense, where :func:`taps_route_cheaper` says so) or
+        ``broadcast`` (the exact transposed conv of G̃)."""
         geometry = layer.geometry
-        out_h, out_w = grad_output.shape[2:]
+        out_h, out_w = out_shape[2:]
         r = self.patch
         plain = geometry.dilation == (1, 1) and geometry.symmetric
         if plain and geometry.kernel == (1, 1) and geometry.padding == (0, 0, 0, 0):
-            return _filtered_input_grad_pointwise(g_avg, weight, geometry, r, (out_h, out_w), input_shape)
+            return "pointwise"
         if plain and geometry.groups > 1 and out_h % r == 0 and out_w % r == 0:
             # grouped (depthwise) only: there the grid's strided transposed conv is ~2× faster than the
             # broadcast one; for dense k×k convs mkldnn's strided transposed conv is 1.2-1.5× slower
             # (measured at (32, 512, 8, 8) and (64, 256, 6, 6), docs/speed.md)
+            return "grid"
+        grid_shape = (out_shape[0], out_shape[1]) + self._grid(out_h, out_w)
+        if geometry.groups == 1 and taps_route_cheaper(grid_shape, layer.weight.shape, (out_h, out_w), input_shape):
+            return "taps"
+        return "broadcast"
+
+    def input_grad(self, layer, tensors, meta, grad_output: Tensor, weight: Tensor, input_shape) -> Tensor:
+        if meta.get("exact"):
+            return layer.exact_input_grad(grad_output, weight, input_shape)
+        g_avg, _ = self.pool_grad(grad_output)
+        geometry, r, out_hw = layer.geometry, self.patch, tuple(grad_output.shape[2:])
+        route = self.input_grad_route(layer, grad_output.shape, input_shape)
+        if route == "pointwise":
+            return _filtered_input_grad_pointwise(g_avg, weight, geometry, r, out_hw, input_shape)
+        if route == "grid":
             return _filtered_input_grad_grid(g_avg, weight, geometry, r, input_shape)
-        if geometry.groups == 1 and taps_route_cheaper(g_avg.shape, weight.shape, (out_h, out_w), input_shape):
-            return filtered_input_grad_taps(g_avg, weight, geometry, r, (out_h, out_w), input_shape)
-        return layer.exact_input_grad(broadcast_patches(g_avg, r, (out_h, out_w)), weight, input_shape)
+        if route == "taps":
+            return filtered_input_grad_taps(g_avg, weight, geometry, r, out_hw, input_shape)
+        return layer.exact_input_grad(broadcast_patches(g_avg, r, out_hw), weight, input_shape)
+
+    def input_grad_flops(self, layer, x: Tensor, out: Tensor, meta: dict) -> int:
+        """The route's FLOPs: ``pointwise`` ``2·B·C'·C·h·w``; ``grid`` ``2·B·C'·(C/g)·h·w·K_h·K_w`` with the
+        combined kernel ``K = s(R−1) + k``; ``taps`` ``2·(B·h·w·C'·C·T + B·C·T·h·w·H·W)``; else exact."""
+        if meta.get("exact") or layer.kind != "conv":
+            return super().input_grad_flops(layer, x, out, meta)
+        route = self.input_grad_route(layer, out.shape, x.shape)
+        batch, out_ch = out.shape[:2]
+        gh, gw = self._grid(*out.shape[2:])
+        in_per_group = x.shape[1] // layer.geometry.groups
+        kh, kw = layer.geometry.kernel
+        sh, sw = layer.geometry.stride
+        if route == "pointwise":
+            return 2 * batch * out_ch * in_per_group * gh * gw
+        cells = batch * gh * gw
+        if route == "grid":
+            return 2 * cells * out_ch * in_per_group * (sh * (self.patch - 1) + kh) * (sw * (self.patch - 1) + kw)
+        if route == "taps":
+            taps = kh * kw
+            return 2 * cells * x.shape[1] * taps * (out_ch + x.shape[2] * x.shape[3])
+        return super().input_grad_flops(layer, x, out, meta)
 
 
 def patch_sums(t: Tensor, patch_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
