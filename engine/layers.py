@@ -19,7 +19,6 @@ from engine.geometry import conv_geometry
 from engine.memory import attribute_to_layer
 from engine.methods import Method, Stash
 from engine.methods.base import raw_stash, stores_raw
-from engine.methods.simple import exact_weight_grad
 
 Tensor = torch.Tensor
 
@@ -54,11 +53,11 @@ class _CompressedOp(torch.autograd.Function):
             else:
                 grad_input = layer.exact_input_grad(grad_output, weight, ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            if raw:  # the activation itself was kept: the exact gradient, whatever the method
-                grad_weight = exact_weight_grad(layer, tensors[0], grad_output).to(weight.dtype)
+            if raw:  # the activation itself was kept: the exact gradient (constrained), whatever the method
+                grad_weight = layer.method.raw_weight_grad(layer, tensors[0], grad_output, ctx.meta)
             else:
                 grad_weight = layer.method.weight_grad(layer, tensors, ctx.meta, grad_output).to(weight.dtype)
-            grad_weight = layer.method.constrain_weight_grad(layer, grad_weight, ctx.meta)
+                grad_weight = layer.method.constrain_weight_grad(layer, grad_weight, ctx.meta)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dims = [0, 2, 3] if layer.kind == "conv" else list(range(grad_output.dim() - 1))
             grad_bias = grad_output.sum(dim=dims)

@@ -59,6 +59,14 @@ def raw_stash(x: Tensor) -> Stash:
     return Stash([x], {"ranks": list(x.shape), "flops_compress": 0, "stored": "raw"})
 
 
+def exact_weight_grad(layer, x: Tensor, grad_output: Tensor) -> Tensor:
+    """dW from the full input ``x`` (conv ``(B, C, H, W)`` or linear ``(B, …, F)``)."""
+    if layer.kind == "conv":
+        return layer.geometry.weight_grad(x, grad_output, layer.weight.shape, layer.geometry.groups, padded=False)
+    out_features = grad_output.shape[-1]
+    return grad_output.reshape(-1, out_features).T @ x.reshape(-1, x.shape[-1])
+
+
 class Method:
     """Base class. Subclasses set ``name`` and implement :meth:`compress` and :meth:`weight_grad`."""
 
@@ -107,6 +115,11 @@ class Method:
         """Where the weight may move, applied to every weight gradient (raw stash included): unchanged here;
         projected off the protected subspace by :class:`engine.methods.protected.ProtectedLANCE`."""
         return grad_weight
+
+    def raw_weight_grad(self, layer: "CompressedLayer", x: Tensor, grad_output: Tensor, meta: dict) -> Tensor:
+        """dW from the kept input ``x`` itself (a raw stash), constrained by :meth:`constrain_weight_grad`."""
+        grad_weight = exact_weight_grad(layer, x, grad_output).to(layer.weight.dtype)
+        return self.constrain_weight_grad(layer, grad_weight, meta)
 
     def input_grad(self, layer: "CompressedLayer", tensors: Sequence[Tensor], meta: dict, grad_output: Tensor,
                    weight: Tensor, input_shape: torch.Size) -> Tensor:

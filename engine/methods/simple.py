@@ -7,17 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.methods.base import Method, Stash
+from engine.methods.base import Method, Stash, exact_weight_grad
 
 Tensor = torch.Tensor
-
-
-def exact_weight_grad(layer, x: Tensor, grad_output: Tensor) -> Tensor:
-    """dW from the full input ``x`` (conv ``(B, C, H, W)`` or linear ``(B, …, F)``)."""
-    if layer.kind == "conv":
-        return layer.geometry.weight_grad(x, grad_output, layer.weight.shape, layer.geometry.groups, padded=False)
-    out_features = grad_output.shape[-1]
-    return grad_output.reshape(-1, out_features).T @ x.reshape(-1, x.shape[-1])
 
 
 class Vanilla(Method):
