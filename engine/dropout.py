@@ -1,8 +1,9 @@
 """Dropout with a fast CPU mask draw, for the continual-learning nets (GPM's AlexNet drops 20-50 %).
 
 ATen's CPU ``bernoulli_`` draws one MT19937 number per element: on a (64, 64, 29, 29) activation it took
-25 ms, a quarter of an alexnet-cl training step at batch 64 on one thread. :class:`FastDropout` draws the
-keep mask as ``u < round((1 − p)·2³²)`` from numpy's PCG64 ``uint32`` stream (5.6 ms there), seeded from
+28.5 ms, a sixth of an alexnet-cl training step at batch 64 on one thread. :class:`FastDropout` draws the
+keep mask as ``u < round((1 − p)·2³²)`` from numpy's PCG64 ``uint32`` stream (10.1 ms there,
+``docs/bench/gf_routes.json``), seeded from
 torch's global generator, so ``torch.manual_seed`` still fixes every mask and a run stays reproducible.
 The keep probability is ``p`` rounded to 2⁻³² (exact for every practical ``p``); the output is
 ``x · mask / (1 − p)`` as in ``F.dropout``. It saves the bool mask (1 byte per element, where ``nn.Dropout``
@@ -59,7 +60,7 @@ def dropout_fast(x: torch.Tensor, p: float, pack=None) -> torch.Tensor:
 
 
 class FastDropout(nn.Dropout):
-    """``nn.Dropout(p)`` whose CPU training mask comes from :func:`keep_mask` (4-5× faster than ``bernoulli_``)."""
+    """``nn.Dropout(p)`` whose CPU training mask comes from :func:`keep_mask` (≈3× faster than ``bernoulli_``)."""
 
     def forward(self, x):
         if not self.training or self.inplace or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or x.numel() == 0:

@@ -1,0 +1,98 @@
+"""alexnet-cl training steps (batch 64, 32 px, 1 thread) side by side: plain autograd and the continual methods.
+
+    python3 docs/bench/alexnet_cl_step.py [--repeats 7] [--json docs/bench/alexnet_cl_step.json] [--profile METHOD]
+
+``native``: the net with plain autograd (no CompressedLayer, no packing). ``finetune`` / ``lance`` / ``gpm``: the
+learner's prepared model, packed as ``lance continual`` runs it; ``finetune-nopack``: without packing. ``gpm`` and
+``lance`` hold a protected basis of the sizes a full split-CIFAR-10 run reaches by task 4 (random orthonormal),
+so the projections cost what they cost there. Steps are interleaved method by method; medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from engine.continual.learner import ContinualConfig, ContinualLearner
+from engine.methods.protected import ProtectedLANCE
+from engine.models.cl_nets import build_multihead
+from engine.packing import pack_region
+
+TASK4_USAGE = {"features.conv1": 0.19, "features.conv2": 0.23, "features.conv3": 0.57, "features.fc1": 0.32,
+               "features.fc2": 0.23}  # rank(P)/D after task 4 of the full run (GPM, docs/speed.md)
+
+
+def build(kind: str, x: torch.Tensor, y: torch.Tensor):
+    net = build_multihead("alexnet-cl", [2] * 5, 32)
+    if kind == "native":
+        return net
+    method = kind.split("-")[0]
+    learner = ContinualLearner(net, ContinualConfig(method=method))
+    if not kind.endswith("nopack"):
+        pack_region(learner.model)
+    task = 0
+    if method in ("gpm", "lance"):
+        generator = torch.Generator().manual_seed(0)
+        for name, layer in learner.layers.items():
+            if layer.method.protected:
+                d = layer.weight[0].numel()
+                q, _ = torch.linalg.qr(torch.randn(d, int(TASK4_USAGE[name] * d), generator=generator))
+                ProtectedLANCE.set_basis(layer, q)
+        task = 1
+    learner.configure_task(task)
+    learner.train_mode(task)
+    if method == "lance":
+        learner.calibrate(task, [(x, y)] * 4)
+    return learner.model, task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", default="native,finetune,finetune-nopack,lance,gpm")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default=None, help="print a torch.profiler table for this kind")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 2, (64,))
+    models = {}
+    for kind in args.kinds.split(","):
+        built = build(kind, x, y)
+        models[kind] = (built, 0) if kind == "native" else built
+
+    def step(kind: str) -> None:
+        model, task = models[kind]
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x, task), y).backward()
+
+    for kind in models:
+        step(kind)
+        step(kind)
+    times = {kind: [] for kind in models}
+    for _ in range(args.repeats):
+        for kind in models:
+            start = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - start)
+    step_ms = {kind: round(statistics.median(t) * 1e3, 1) for kind, t in times.items()}
+    result = {"batch": 64, "threads": 1, "repeats": args.repeats, "step_ms": step_ms}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    if args.profile:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step(args.profile)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
