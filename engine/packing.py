@@ -250,9 +250,10 @@ class PackedFastDropout(FastDropout):
     """:class:`engine.dropout.FastDropout` keeping its mask as 1 bit per element (the same masks and numbers)."""
 
     def forward(self, x):
-        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or x.numel() == 0 \
-                or not _wants_grad(x):
+        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or x.numel() == 0 or not _wants_grad(x):
             return super().forward(x)
+        if x.device.type != "cpu":  # FastDropout is nn.Dropout there: the packed native dropout
+            return _PackedDropout.apply(x, float(self.p))
         return dropout_fast(x, self.p, pack=(pack_bits, unpack_bits))
 
 

@@ -13,6 +13,9 @@ from torch import nn
 
 import engine
 from engine.bench.layers import LAYER_TABLE, bench_layer
+from engine.dropout import FastDropout
+from engine.memory import SavedBytesMeter
+from engine.packing import pack_region
 from engine.store import RunStore
 from engine.train.config import FinetuneConfig
 from engine.train.session import run_finetune
@@ -82,3 +85,16 @@ def test_short_finetune_on_cuda(tmp_path, monkeypatch):
     store = RunStore()
     results = run_finetune(config, store=store)
     assert [r.status for r in results] == ["completed", "completed"]
+
+
+def test_packed_fast_dropout_on_cuda_keeps_bits():
+    """alexnet-cl's FastDropout off CPU is nn.Dropout; packed, it keeps the mask as bits like PackedDropout."""
+    drop = nn.Sequential(FastDropout(0.5)).train()
+    pack_region(drop)
+    x = torch.randn(8, 64, device=CUDA, requires_grad=True)
+    with SavedBytesMeter(drop) as meter:
+        y = drop(x)
+    y.sum().backward()
+    kept = y != 0
+    assert torch.equal(x.grad[kept], torch.full_like(x.grad[kept], 2.0))
+    assert meter.region_activation_bytes == (x.numel() + 7) // 8
