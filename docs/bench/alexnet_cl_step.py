@@ -10,7 +10,6 @@ so the projections cost what they cost there. Steps are interleaved method by me
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from engine.bench.output import emit_json
 from engine.continual.learner import ContinualConfig, ContinualLearner
 from engine.methods.protected import ProtectedLANCE
 from engine.models.cl_nets import build_multihead
@@ -82,11 +82,7 @@ def main() -> None:
             times[kind].append(time.perf_counter() - start)
     step_ms = {kind: round(statistics.median(t) * 1e3, 1) for kind, t in times.items()}
     result = {"batch": 64, "threads": 1, "repeats": args.repeats, "step_ms": step_ms}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit_json(result, args.json)
     if args.profile:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):

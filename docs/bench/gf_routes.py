@@ -13,7 +13,6 @@ Every pair is interleaved repeat by repeat; each first checks that both routes g
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.bench.output import emit_json
 from engine.dropout import keep_mask
 from engine.geometry import conv_geometry
 from engine.methods import simple
@@ -146,11 +146,7 @@ def main() -> None:
     torch.set_num_threads(1)
     result = {"threads": 1, "repeats": args.repeats, "input_grad": input_grad_routes(args.repeats),
               "pooling": pooling_routes(args.repeats), "packing": packing_kernels(args.repeats)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ with and without ``torch.profiler``'s memory events, interleaved in one process 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
 import engine
+from engine.bench.output import emit_json
 from engine.memory import StepMeter
 from engine.models import build_backbone
 
@@ -43,11 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [step_ms("small-cnn-digits", 128), step_ms("mcunet-in3", 32)]
-    text = json.dumps({"rows": rows, "torch": torch.__version__}, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    emit_json({"rows": rows, "torch": torch.__version__}, args.json)
 
 
 if __name__ == "__main__":
