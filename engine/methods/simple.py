@@ -1,6 +1,7 @@
 """The two baselines that need no decomposition: vanilla backprop and gradient filtering."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -192,16 +193,16 @@ def _patch_counts(height: int, width: int, patch_hw, grid_hw, like: Tensor) -> T
 
 # patch_sums' matmul route holds a dense (H·W) × (h·w) matrix; larger maps take the strided adds.
 POOL_MATRIX_MAX_ENTRIES = 1 << 16
-_POOL_CACHE: dict = {}
 
 
 def pool_matrix(in_hw, patch_hw, grid_hw, dtype, device) -> Tensor:
     """``P ((H·W), (h·w))``: 1 where pixel ``(y, x)`` lies in patch ``(y // kh, x // kw)`` of the grid, else 0
     (pixels past ``h·kh`` / ``w·kw`` belong to no patch). Cached per shape."""
-    key = (tuple(in_hw), tuple(patch_hw), tuple(grid_hw), dtype, str(device))
-    cached = _POOL_CACHE.get(key)
-    if cached is not None:
-        return cached
+    return _pool_matrix(tuple(in_hw), tuple(patch_hw), tuple(grid_hw), dtype, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_matrix(in_hw, patch_hw, grid_hw, dtype, device) -> Tensor:
     (height, width), (kh, kw), (gh, gw) = in_hw, patch_hw, grid_hw
     rows = torch.zeros(height, gh, dtype=torch.float64)
     cols = torch.zeros(width, gw, dtype=torch.float64)
@@ -209,11 +210,7 @@ def pool_matrix(in_hw, patch_hw, grid_hw, dtype, device) -> Tensor:
         rows[y, y // kh] = 1
     for x in range(min(width, gw * kw)):
         cols[x, x // kw] = 1
-    matrix = torch.einsum("ya,xb->yxab", rows, cols).reshape(height * width, gh * gw).to(dtype=dtype, device=device)
-    if len(_POOL_CACHE) > 64:
-        _POOL_CACHE.clear()
-    _POOL_CACHE[key] = matrix
-    return matrix
+    return torch.einsum("ya,xb->yxab", rows, cols).reshape(height * width, gh * gw).to(dtype=dtype, device=device)
 
 
 def broadcast_patches(pooled: Tensor, patch: int, out_hw: tuple[int, int]) -> Tensor:
@@ -278,16 +275,14 @@ def taps_route_cheaper(grid_shape, weight_shape, out_hw, input_shape) -> bool:
     return mix + 2 * scatter < broadcast
 
 
-_SCATTER_CACHE: dict = {}
-
-
 def tap_scatter_matrix(geometry, patch: int, out_hw, in_hw, dtype, device) -> Tensor:
     """``S ((T·h·w), (H·W))``: ``S[(t, p), (y, x)]`` = how many output pixels of grid cell ``p`` kernel tap ``t``
     sends to input pixel ``(y, x)`` (0/1 per axis; any stride, dilation, padding). Cached per geometry."""
-    key = (geometry, patch, tuple(out_hw), tuple(in_hw), dtype, str(device))
-    cached = _SCATTER_CACHE.get(key)
-    if cached is not None:
-        return cached
+    return _tap_scatter_matrix(geometry, patch, tuple(out_hw), tuple(in_hw), dtype, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_scatter_matrix(geometry, patch: int, out_hw, in_hw, dtype, device) -> Tensor:
     top, _, left, _ = geometry.padding
 
     def axis(kernel, stride, dilation, pad, n_out, n_in):  # (k, cells, n_in)
@@ -302,11 +297,7 @@ def tap_scatter_matrix(geometry, patch: int, out_hw, in_hw, dtype, device) -> Te
     rows = axis(geometry.kernel[0], geometry.stride[0], geometry.dilation[0], top, out_hw[0], in_hw[0])
     cols = axis(geometry.kernel[1], geometry.stride[1], geometry.dilation[1], left, out_hw[1], in_hw[1])
     scatter = torch.einsum("iay,jbx->ijabyx", rows, cols).reshape(-1, in_hw[0] * in_hw[1])
-    scatter = scatter.to(dtype=dtype, device=device)
-    if len(_SCATTER_CACHE) > 64:
-        _SCATTER_CACHE.clear()
-    _SCATTER_CACHE[key] = scatter
-    return scatter
+    return scatter.to(dtype=dtype, device=device)
 
 
 def filtered_input_grad_taps(g_avg: Tensor, weight: Tensor, geometry, patch: int, out_hw, input_shape) -> Tensor:
