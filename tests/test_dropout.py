@@ -71,3 +71,18 @@ def test_alexnet_cl_uses_it():
     net = build_multihead("alexnet-cl", [2, 2], 32)
     drops = [m for m in net.modules() if isinstance(m, nn.Dropout)]
     assert drops and all(type(m) is FastDropout for m in drops)
+
+
+@pytest.mark.parametrize("shape", [(7,), (64, 101), (3, 5, 9, 11)])
+def test_mask_is_the_documented_stream(shape):
+    """keep = u < round((1 − p)·2³²), u the first N uint32 draws of ``default_rng(seed).integers`` (odd N too)."""
+    import numpy as np
+
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2 ** 63 - 1, (1,)).item())
+    n = int(np.prod(shape))
+    want = np.random.default_rng(seed).integers(0, 2 ** 32, n, dtype=np.uint32) < round(0.7 * 2 ** 32)
+    torch.manual_seed(11)
+    got = keep_mask(shape, 0.3)
+    assert got.shape == shape
+    assert torch.equal(got.reshape(-1), torch.from_numpy(want))

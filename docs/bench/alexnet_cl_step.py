@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from engine.bench.output import emit_json
 from engine.continual.learner import ContinualConfig, ContinualLearner
+from engine.malloc import tune_malloc
 from engine.methods.protected import ProtectedLANCE
 from engine.models.cl_nets import build_multihead
 from engine.packing import pack_region
@@ -57,10 +58,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, help="print a torch.profiler table for this kind")
+    parser.add_argument("--channels-last", action="store_true", help="feed the batch channels_last")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    tuned = tune_malloc()  # as `lance continual` runs (LANCE_MALLOC_TUNING=0: off)
     torch.manual_seed(0)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 2, (64,))
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     models = {}
     for kind in args.kinds.split(","):
         built = build(kind, x, y)
@@ -81,7 +86,9 @@ def main() -> None:
             step(kind)
             times[kind].append(time.perf_counter() - start)
     step_ms = {kind: round(statistics.median(t) * 1e3, 1) for kind, t in times.items()}
-    result = {"batch": 64, "threads": 1, "repeats": args.repeats, "step_ms": step_ms}
+    min_step_ms = {kind: round(min(t) * 1e3, 1) for kind, t in times.items()}
+    result = {"batch": 64, "threads": 1, "repeats": args.repeats, "step_ms": step_ms, "min_step_ms": min_step_ms,
+              "malloc_tuned": tuned, "channels_last": args.channels_last}
     emit_json(result, args.json)
     if args.profile:
         with profile(activities=[ProfilerActivity.CPU]) as prof:

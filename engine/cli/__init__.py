@@ -15,6 +15,7 @@ import sys
 from importlib.metadata import entry_points
 
 from engine.cli._errors import run_guarded
+from engine.malloc import tune_malloc
 from engine.shared import apply_shared_defaults
 
 ENTRY_POINT_GROUP = "lance.commands"
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ../shared, as `lance app` finds it (the app prints what it set; it sets them itself)
     changed = {} if args.func.__module__ == "lance_app.cli" else apply_shared_defaults(os.environ)
+    tune_malloc()  # engine.malloc: freed activations stay in the heap (no page faults every step)
     try:
         return run_guarded(args.func, args, prog=f"lance {args.command}")
     finally:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from engine.malloc import tune_malloc
 from engine.memory import StepMeter, peak_due
 from engine.packing import pack_region
 from engine.phases import report
@@ -149,6 +150,7 @@ def run_sequence(
     ``acc_matrix``: rows of tasks already done (resume). Every task re-seeds torch with
     ``(seed, task)`` so a resumed sequence trains exactly like an uninterrupted one.
     """
+    tune_malloc()  # a step's activations reuse freed heap memory instead of page-faulting it in (engine.malloc)
     if not tasks:
         raise ValueError("no tasks to learn")
     learner = learner or ContinualLearner(model, config, device=device)

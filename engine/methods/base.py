@@ -17,6 +17,7 @@ import torch
 from engine import functional as Fn
 from engine import spectra as S
 from engine import tensor_ops as T
+from engine.matmul import mm
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.layers import CompressedLayer
@@ -64,7 +65,7 @@ def exact_weight_grad(layer, x: Tensor, grad_output: Tensor) -> Tensor:
     if layer.kind == "conv":
         return layer.geometry.weight_grad(x, grad_output, layer.weight.shape, layer.geometry.groups, padded=False)
     out_features = grad_output.shape[-1]
-    return grad_output.reshape(-1, out_features).T @ x.reshape(-1, x.shape[-1])
+    return mm(grad_output.reshape(-1, out_features).T, x.reshape(-1, x.shape[-1]))
 
 
 class Method:
@@ -195,9 +196,9 @@ def contract_except(x: Tensor, y: Tensor, mode: int) -> Tensor:
     b = math.prod(x.shape[mode + 1 :])
     d, r = x.shape[mode], y.shape[mode]
     if a == 1:
-        return x.reshape(d, b) @ y.reshape(r, b).T
+        return mm(x.reshape(d, b), y.reshape(r, b).T)
     if b == 1:
-        return x.reshape(a, d).T @ y.reshape(a, r)
+        return mm(x.reshape(a, d).T, y.reshape(a, r))
     return torch.einsum("adb,arb->dr", x.reshape(a, d, b), y.reshape(a, r, b))
 
 
@@ -218,12 +219,12 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
     n = m.shape[1]
     k = min(rank + oversample, batch, n)
     omega = torch.randn(n, k, generator=generator, device=y.device, dtype=y.dtype)
-    q = T.orth(m @ omega)
-    q = T.orth(m @ (m.T @ q))
+    q = T.orth(mm(m, omega))
+    q = T.orth(mm(m, mm(m.T, q)))
     flops = 2 * batch * n * k * 3 + 6 * batch * k * k
     if k == min(rank, n):
         return q.contiguous(), flops
-    small = q.T @ m  # (k, n)
+    small = mm(q.T, m)  # (k, n)
     # the left singular vectors of ``small`` are the eigenvectors of its k×k Gram: 2-9× faster than an SVD of
     # (k, n) on CPU (k = 16: n = 540 0.35 → 0.08 ms, n = 5000 2.6 → 0.29 ms), same leading subspace
     _, u_small = S.eigh_descending(small @ small.T)

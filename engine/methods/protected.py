@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import tensor_ops as T
+from engine.matmul import mm
 from engine.methods.base import Method, Stash, contract_except, raw_stash, stores_raw
 
 Tensor = torch.Tensor
@@ -156,7 +157,7 @@ class ProtectedLANCE(Method):
         input instead where this is not smaller)."""
         u, u_h, u_w = self._factors(layer)
         if layer.kind == "linear":
-            core = x.reshape(-1, x.shape[-1]) @ u.to(x.dtype)  # (N, r)
+            core = mm(x.reshape(-1, x.shape[-1]), u.to(x.dtype))  # (N, r)
             flops = 2 * core.numel() * x.shape[-1]
             tensors = [core, u]
         else:
@@ -190,14 +191,14 @@ class ProtectedLANCE(Method):
             return grad_output.new_zeros(layer.weight.shape)
         if layer.kind == "linear":
             g = grad_output.reshape(-1, grad_output.shape[-1])  # (N, F')
-            return (g.T @ core) @ u.T.to(g.dtype)
+            return mm(mm(g.T, core), u.T.to(g.dtype))
         g = grad_output
         it = iter(spatial)
         for mode, present in zip((2, 3), meta["spatial"]):
             if present:
                 g = T.mode_product(g, next(it).to(g.dtype), mode)
         small = contract_except(g, core, 1)  # (C', r)
-        return (small @ u.T.to(small.dtype)).reshape(layer.weight.shape)
+        return mm(small, u.T.to(small.dtype)).reshape(layer.weight.shape)
 
     def raw_weight_grad(self, layer, x: Tensor, grad_output: Tensor, meta: dict) -> Tensor:
         """A linear layer with fewer input rows ``N`` than outputs ``F'`` projects the rows, not dW:
@@ -209,11 +210,11 @@ class ProtectedLANCE(Method):
             if rows.shape[0] < g.shape[1]:
                 if self.mode == "lance" and meta.get("stored") == "raw":
                     u = layer.u_feat.to(rows.dtype)
-                    return (g.T @ ((rows @ u) @ u.T)).to(layer.weight.dtype)
+                    return mm(g.T, mm(mm(rows, u), u.T)).to(layer.weight.dtype)
                 p = layer.protected_basis
                 if self.project and p.shape[1]:
                     p = p.to(rows.dtype)
-                    return (g.T @ (rows - (rows @ p) @ p.T)).to(layer.weight.dtype)
+                    return mm(g.T, rows - mm(mm(rows, p), p.T)).to(layer.weight.dtype)
         return super().raw_weight_grad(layer, x, grad_output, meta)
 
     def constrain_weight_grad(self, layer, grad_weight: Tensor, meta: dict) -> Tensor:
@@ -221,9 +222,9 @@ class ProtectedLANCE(Method):
         flat = grad_weight.reshape(grad_weight.shape[0], -1)
         if self.mode == "lance" and meta.get("stored") == "raw":
             u = layer.u_feat.to(flat.dtype)
-            return ((flat @ u) @ u.T).reshape(grad_weight.shape)
+            return mm(mm(flat, u), u.T).reshape(grad_weight.shape)
         p = layer.protected_basis
         if self.project and self.protected and p.shape[1]:
             p = p.to(flat.dtype)
-            return (flat - (flat @ p) @ p.T).reshape(grad_weight.shape)
+            return (flat - mm(mm(flat, p), p.T)).reshape(grad_weight.shape)
         return grad_weight

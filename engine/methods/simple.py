@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from engine.matmul import mm
 from engine.methods.base import Method, Stash, exact_weight_grad
 
 Tensor = torch.Tensor
@@ -165,7 +166,7 @@ def patch_sums(t: Tensor, patch_hw: tuple[int, int], grid_hw: tuple[int, int]) -
     if (partial or kh * kw > 4) and t.shape[2] * t.shape[3] * gh * gw <= POOL_MATRIX_MAX_ENTRIES:
         # one matmul with a 0/1 (H·W, h·w) matrix: no padded copy (2-3× faster at (128, 960, 7, 7), R = 2)
         pool = pool_matrix(t.shape[2:], patch_hw, grid_hw, t.dtype, t.device)
-        sums = (t.reshape(-1, t.shape[2] * t.shape[3]) @ pool).reshape(t.shape[0], t.shape[1], gh, gw)
+        sums = mm(t.reshape(-1, t.shape[2] * t.shape[3]), pool).reshape(t.shape[0], t.shape[1], gh, gw)
         return sums, _patch_counts(height, width, patch_hw, grid_hw, t)
     t = t[:, :, :height, :width]
     if height < gh * kh or width < gw * kw:
@@ -219,7 +220,7 @@ def broadcast_patches(pooled: Tensor, patch: int, out_hw: tuple[int, int]) -> Te
     if out_hw[0] * out_hw[1] * h * w <= POOL_MATRIX_MAX_ENTRIES:
         # a matmul with the pool matrix's transpose: 4-7× faster than the expanded 6-D copy below on CPU
         lift = pool_matrix(out_hw, (patch, patch), (h, w), pooled.dtype, pooled.device).T
-        return (pooled.reshape(b * c, h * w) @ lift).reshape(b, c, out_hw[0], out_hw[1])
+        return mm(pooled.reshape(b * c, h * w), lift).reshape(b, c, out_hw[0], out_hw[1])
     full = pooled[:, :, :, None, :, None].expand(b, c, h, patch, w, patch).reshape(b, c, h * patch, w * patch)
     return full[:, :, : out_hw[0], : out_hw[1]].contiguous()
 
@@ -312,4 +313,4 @@ def filtered_input_grad_taps(g_avg: Tensor, weight: Tensor, geometry, patch: int
         None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False],
     )[0]  # (B, C·T, h, w), laid out (B, C, T, h, w)
     scatter = tap_scatter_matrix(geometry, patch, out_hw, input_shape[2:], g_avg.dtype, g_avg.device)
-    return (mixed.reshape(batch * in_ch, kh * kw * gh * gw) @ scatter).reshape(tuple(input_shape))
+    return mm(mixed.reshape(batch * in_ch, kh * kw * gh * gw), scatter).reshape(tuple(input_shape))

@@ -17,6 +17,7 @@ import torch
 from engine import functional as Fn
 from engine import spectra as S
 from engine import tensor_ops as T
+from engine.matmul import mm
 from engine.methods.base import (
     Method,
     Stash,
@@ -129,7 +130,7 @@ class HOSVD(_TuckerMethod):
         d = x.shape[mode]
         m = T.unfold(x, mode)  # (D, n)
         n = m.shape[1]
-        values, vectors = S.eigh_descending(m.T @ m)
+        values, vectors = S.eigh_descending(mm(m.T, m))
         values = torch.cat([values, values.new_zeros(d - n)])  # the D − n zero eigenvalues of M Mᵀ
         r = S.rank_for_energy(values, self.eps)
         flops = 2 * x.numel() * n + 9 * n**3
@@ -137,7 +138,7 @@ class HOSVD(_TuckerMethod):
             return d, None, flops
         if r > n:  # cannot happen for eps <= 1 (rank <= n nonzero values), kept exact anyway
             return self._full_gram_factor(x, mode, r) + (flops,)
-        factor = T.orth(m @ vectors[:, :r])
+        factor = T.orth(mm(m, vectors[:, :r]))
         return r, factor.contiguous(), flops + 2 * x.numel() * r + 2 * d * r * r
 
     @staticmethod

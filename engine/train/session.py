@@ -13,6 +13,7 @@ import traceback
 from functools import partial
 from typing import Callable
 
+from engine.malloc import tune_malloc
 from engine.store import RunStore
 from engine.train.budget import resolve_plans
 from engine.train.config import ConfigError, FinetuneConfig, validate
@@ -39,6 +40,7 @@ def run_finetune(config: FinetuneConfig, store=None, sinks: list | None = None, 
     not match the run and an infeasible budget: ``engine.train.budget.resolve_plans``); one found only
     during a run's setup fails that run (``bad_argument``).
     """
+    tune_malloc()  # a step's activations reuse freed heap memory instead of page-faulting it in (engine.malloc)
     validate(config)
     store = store or RunStore()
     # weights, --layers, the patch, the data, the plans (--ranks / --budget): bad ones create no run

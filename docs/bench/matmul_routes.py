@@ -1,0 +1,71 @@
+"""CPU float32 products ``a (M, K) @ b (K, N)``: PyTorch's ``mm`` (MKL here) against oneDNN's inner product
+(``engine.matmul``), both operand layouts, 1 thread, interleaved medians.
+
+    python3 docs/bench/matmul_routes.py [--repeats 15] [--json docs/bench/matmul_routes.json]
+
+``b`` is a transposed view of a row-major (N, K) matrix (a linear layer's forward, ``Gᵀ X``) or a row-major
+(K, N) matrix (a linear layer's input gradient ``G W``); ``route`` is what ``engine.matmul.mm`` picks.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from engine import matmul
+from engine.bench.output import emit_json
+
+SHAPES = [(1, 2048, 2048), (8, 512, 512), (8, 2048, 2048), (16, 960, 160), (32, 256, 256), (64, 64, 64),
+          (64, 1024, 2048), (64, 2048, 2048), (64, 2048, 2), (128, 960, 160), (256, 2048, 2048)]
+
+
+def _ms(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    for m, k, n in SHAPES:
+        a = torch.randn(m, k)
+        for layout, b in (("b = Wᵀ view", torch.randn(n, k).t()), ("b row-major", torch.randn(k, n))):
+            fns = {
+                "mm_ms": lambda a=a, b=b: a @ b,
+                "onednn_ms": lambda a=a, b=b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], ""),
+            }
+            for fn in fns.values():
+                fn()
+            times = {name: [] for name in fns}
+            for _ in range(args.repeats):  # interleaved
+                for name, fn in fns.items():
+                    times[name] += _ms(fn, 1)
+            med = {name: round(statistics.median(t), 4) for name, t in times.items()}
+            err = (fns["onednn_ms"]() - a @ b).abs().max().item() / max(1e-30, (a @ b).abs().max().item())
+            rows.append({"m": m, "k": k, "n": n, "layout": layout, **med,
+                         "onednn_over_mm": round(med["onednn_ms"] / med["mm_ms"], 3),
+                         "route": "onednn" if matmul.uses_onednn(a, b) else "mm", "max_rel_diff": float(f"{err:.2e}")})
+    emit_json({"threads": 1, "repeats": args.repeats, "cpu": _cpu(), "rows": rows}, args.json)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

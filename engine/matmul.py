@@ -1,0 +1,59 @@
+"""Dense float32 matrix products on the CPU through oneDNN where that is faster than the BLAS.
+
+PyTorch's CPU ``mm`` calls MKL, which takes its slow generic path on AMD CPUs (no AVX-512 kernels: about
+60 GFLOP/s on one core of this machine). oneDNN picks its kernels from the CPU's instruction set, not its
+vendor: its inner product (``torch.ops.mkldnn._linear_pointwise``, what ``torch.compile`` fuses linears into)
+runs the same product about 2× faster from a few rows up (``python3 docs/bench/matmul_routes.py``). It has a
+fixed cost of ≈ 20 µs and reorders its weight operand each call, so small products, and small row counts
+whose weight operand is transposed (the reorder is then a strided copy), stay on ``mm``.
+
+Only for tensors outside autograd (inside a custom Function's forward or backward, or under no-grad): the
+oneDNN op has no derivative.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+#: at or above this many multiply-adds (M·K·N) a product may go to oneDNN
+MIN_MACS = 1 << 21
+#: rows of the left operand from which oneDNN wins when the right operand ``b`` is a transposed view
+MIN_ROWS = 4
+#: … and when ``b`` is a row-major (K, N) matrix, whose (N, K) view oneDNN must reorder by strides
+MIN_ROWS_STRIDED = 32
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def uses_onednn(a: Tensor, b: Tensor) -> bool:
+    """Whether :func:`mm` sends ``a (M, K) @ b (K, N)`` to oneDNN."""
+    if not (_ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32 and b.dtype == torch.float32):
+        return False
+    if a.dim() != 2 or b.dim() != 2 or a.requires_grad and torch.is_grad_enabled():
+        return False
+    m, k = a.shape
+    n = b.shape[1]
+    if m * k * n < MIN_MACS:
+        return False
+    weight_contiguous = b.stride(0) == 1 and b.stride(1) == k  # bᵀ is a plain (N, K) matrix
+    return m >= (MIN_ROWS if weight_contiguous else MIN_ROWS_STRIDED)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``a (M, K)``, ``b (K, N)`` → ``(M, N)``; oneDNN where :func:`uses_onednn`, else ``a @ b``."""
+    if uses_onednn(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+    return a @ b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` (x ``(…, F)``, weight ``(F', F)`` → ``(…, F')``), through :func:`mm` when no autograd records it."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if not uses_onednn(rows, weight.t()):
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], weight.shape[0])

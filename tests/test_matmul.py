@@ -1,0 +1,74 @@
+"""engine.matmul: oneDNN products equal ``a @ b`` and stay out of autograd."""
+import pytest
+import torch
+
+from engine import matmul
+from engine.layers import CompressedLayer
+from engine.methods import make_method
+
+pytestmark = pytest.mark.skipif(not matmul._ONEDNN, reason="this PyTorch build has no oneDNN")
+
+
+@pytest.mark.parametrize("layout", ["transposed_view", "row_major"])
+@pytest.mark.parametrize("m,k,n", [(64, 2048, 512), (32, 256, 256), (128, 960, 160)])
+def test_onednn_route_matches_mm(m, k, n, layout):
+    torch.manual_seed(0)
+    a = torch.randn(m, k)
+    b = torch.randn(n, k).t() if layout == "transposed_view" else torch.randn(k, n)
+    assert matmul.uses_onednn(a, b)
+    got = matmul.mm(a, b)
+    want = (a.double() @ b.double()).float()
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * k ** 0.5)
+
+
+def test_strided_left_operand():
+    torch.manual_seed(1)
+    g, x = torch.randn(64, 2048), torch.randn(64, 1024)
+    assert matmul.uses_onednn(g.T, x)
+    torch.testing.assert_close(matmul.mm(g.T, x), (g.T.double() @ x.double()).float(), rtol=1e-5, atol=1e-3)
+
+
+def test_small_float64_and_autograd_stay_on_mm():
+    assert not matmul.uses_onednn(torch.randn(64, 64), torch.randn(64, 64))  # below MIN_MACS
+    assert not matmul.uses_onednn(torch.randn(1, 2048), torch.randn(2048, 2048))  # one row, strided weight
+    double = torch.float64
+    assert not matmul.uses_onednn(torch.randn(64, 2048, dtype=double), torch.randn(2048, 512, dtype=double))
+    a = torch.randn(64, 2048, requires_grad=True)
+    assert not matmul.uses_onednn(a, torch.randn(2048, 512))
+    with torch.no_grad():
+        assert matmul.uses_onednn(a, torch.randn(2048, 512))
+
+
+def test_linear_under_autograd_keeps_gradients():
+    torch.manual_seed(2)
+    x = torch.randn(64, 1024, requires_grad=True)
+    w = torch.randn(512, 1024, requires_grad=True)
+    b = torch.randn(512, requires_grad=True)
+    matmul.linear(x, w, b).square().sum().backward()
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.linear(x2, w2, b2).square().sum().backward()
+    for got, want in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        out = matmul.linear(x.view(8, 8, 1024), w, b)
+    assert out.shape == (8, 8, 512)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x.view(8, 8, 1024), w, b), rtol=1e-5, atol=1e-3)
+
+
+def test_compressed_vanilla_linear_on_the_onednn_route_matches_autograd():
+    """A 2048 → 2048 layer at batch 64: forward, input and weight gradients all take the oneDNN route."""
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(2048, 2048)
+    layer = CompressedLayer(torch.nn.Linear(2048, 2048), make_method("vanilla", "fc"), "fc")
+    layer.weight.data.copy_(ref.weight.data)
+    layer.bias.data.copy_(ref.bias.data)
+    x = torch.randn(64, 2048)
+    g = torch.randn(64, 2048)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = layer(xa), ref(xb)
+    (out_a * g).sum().backward()
+    (out_b * g).sum().backward()
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-3)
