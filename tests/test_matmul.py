@@ -72,3 +72,24 @@ def test_compressed_vanilla_linear_on_the_onednn_route_matches_autograd():
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-3)
+
+
+LAYOUTS = {
+    "b row slice": lambda: (torch.randn(64, 2048), torch.randn(4096, 3000)[:2048, :700]),
+    "b column slice view": lambda: (torch.randn(64, 2048), torch.randn(3000, 4096)[:700, :2048].t()),
+    "a slice with offset": lambda: (torch.randn(300, 3000)[10:74, 5:2053], torch.randn(2048, 512)),
+    "a expanded (stride 0)": lambda: (torch.randn(2048).expand(64, 2048), torch.randn(2048, 512)),
+    "b expanded (stride 0)": lambda: (torch.randn(64, 2048), torch.randn(2048, 1).expand(2048, 512)),
+    "a step 2": lambda: (torch.randn(64, 4096)[:, ::2], torch.randn(2048, 512)),
+    "b step 2": lambda: (torch.randn(64, 2048), torch.randn(2048, 1024)[:, ::2]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_strided_and_expanded_operands(name):
+    """oneDNN reads operands by their strides: views, slices and stride-0 expansions give a @ b too."""
+    torch.manual_seed(4)
+    a, b = LAYOUTS[name]()
+    assert matmul.uses_onednn(a, b)
+    want = (a.double() @ b.double()).float()
+    torch.testing.assert_close(matmul.mm(a, b), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
