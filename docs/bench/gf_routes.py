@@ -14,30 +14,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
 from engine.bench.output import emit_json
+from engine.bench.timing import pair_ms
 from engine.dropout import keep_mask
 from engine.geometry import conv_geometry
 from engine.methods import simple
-
-
-def _pair_ms(a, b, repeats: int) -> tuple[float, float]:
-    a(), b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a()
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        b()
-        tb.append(time.perf_counter() - t)
-    return round(statistics.median(ta) * 1e3, 3), round(statistics.median(tb) * 1e3, 3)
 
 
 def _input_grad_row(batch: int, c_in: int, c_out: int, size: int, stride: int, repeats: int) -> dict:
@@ -56,7 +42,7 @@ def _input_grad_row(batch: int, c_in: int, c_out: int, size: int, stride: int, r
         return simple.filtered_input_grad_taps(g_avg, weight, geometry, 2, out_hw, shape)
 
     assert torch.allclose(broadcast(), taps(), rtol=1e-4, atol=1e-4)
-    t_b, t_t = _pair_ms(broadcast, taps, repeats)
+    t_b, t_t = pair_ms(broadcast, taps, repeats)
     return {"shape": list(shape), "stride": stride, "broadcast_ms": t_b, "taps_ms": t_t,
             "taps_over_broadcast": round(t_t / t_b, 3),
             "rule_picks_taps": simple.taps_route_cheaper(g_avg.shape, weight.shape, out_hw, shape)}
@@ -95,8 +81,8 @@ def _pooling_row(shape: tuple[int, ...], repeats: int) -> dict:
 
     assert torch.allclose(_with_limit(0, sums)(), _with_limit(limit, sums)(), atol=1e-4)
     assert torch.equal(_with_limit(0, lift)(), _with_limit(limit, lift)())
-    s = _pair_ms(_with_limit(0, sums), _with_limit(limit, sums), repeats)
-    b = _pair_ms(_with_limit(0, lift), _with_limit(limit, lift), repeats)
+    s = pair_ms(_with_limit(0, sums), _with_limit(limit, sums), repeats)
+    b = pair_ms(_with_limit(0, lift), _with_limit(limit, lift), repeats)
     return {"shape": list(shape), "patch_sums_strided_ms": s[0], "patch_sums_matrix_ms": s[1],
             "broadcast_expand_ms": b[0], "broadcast_matrix_ms": b[1]}
 
@@ -120,18 +106,18 @@ def packing_kernels(repeats: int) -> dict:
 
     assert torch.equal(pack_torch(), pack_numpy())
     out = {"shape": list(x.shape)}
-    out["dropout_bernoulli_ms"], out["dropout_numpy_mask_ms"] = _pair_ms(
+    out["dropout_bernoulli_ms"], out["dropout_numpy_mask_ms"] = pair_ms(
         lambda: torch.empty_like(x).bernoulli_(0.8), lambda: keep_mask(x.shape, 0.2), repeats)
-    out["pack_shift_sum_ms"], out["pack_numpy_ms"] = _pair_ms(pack_torch, pack_numpy, repeats)
+    out["pack_shift_sum_ms"], out["pack_numpy_ms"] = pair_ms(pack_torch, pack_numpy, repeats)
     assert torch.equal(grad.masked_fill(~mask, 0), torch.ops.aten.threshold_backward(grad, mask.to(grad.dtype), 0.5))
-    out["relu_bwd_masked_fill_ms"], out["relu_bwd_threshold_ms"] = _pair_ms(
+    out["relu_bwd_masked_fill_ms"], out["relu_bwd_threshold_ms"] = pair_ms(
         lambda: grad.masked_fill(~mask, 0), lambda: torch.ops.aten.threshold_backward(grad, mask.to(grad.dtype), 0.5),
         repeats)
     args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
     y0, i0 = torch.ops.aten.max_pool2d_with_indices(x, *args)
     y1, i1 = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), *args)
     assert torch.equal(y0, y1) and torch.equal(i0, i1)
-    out["maxpool_nchw_ms"], out["maxpool_channels_last_with_copy_ms"] = _pair_ms(
+    out["maxpool_nchw_ms"], out["maxpool_channels_last_with_copy_ms"] = pair_ms(
         lambda: torch.ops.aten.max_pool2d_with_indices(x, *args),
         lambda: torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), *args),
         repeats)

@@ -9,25 +9,15 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from engine import matmul
 from engine.bench.output import emit_json
+from engine.bench.timing import pair_ms
 
 SHAPES = [(1, 2048, 2048), (8, 512, 512), (8, 2048, 2048), (16, 960, 160), (32, 256, 256), (64, 64, 64),
           (64, 1024, 2048), (64, 2048, 2048), (64, 2048, 2), (128, 960, 160), (256, 2048, 2048)]
-
-
-def _ms(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
 
 
 def main() -> None:
@@ -41,18 +31,15 @@ def main() -> None:
     for m, k, n in SHAPES:
         a = torch.randn(m, k)
         for layout, b in (("b = Wᵀ view", torch.randn(n, k).t()), ("b row-major", torch.randn(k, n))):
-            fns = {
-                "mm_ms": lambda a=a, b=b: a @ b,
-                "onednn_ms": lambda a=a, b=b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], ""),
-            }
-            for fn in fns.values():
-                fn()
-            times = {name: [] for name in fns}
-            for _ in range(args.repeats):  # interleaved
-                for name, fn in fns.items():
-                    times[name] += _ms(fn, 1)
-            med = {name: round(statistics.median(t), 4) for name, t in times.items()}
-            err = (fns["onednn_ms"]() - a @ b).abs().max().item() / max(1e-30, (a @ b).abs().max().item())
+            def mm_fn(a=a, b=b):
+                return a @ b
+
+            def onednn_fn(a=a, b=b):
+                return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+            mm_ms, onednn_ms = pair_ms(mm_fn, onednn_fn, args.repeats)
+            med = {"mm_ms": mm_ms, "onednn_ms": onednn_ms}
+            err = (onednn_fn() - a @ b).abs().max().item() / max(1e-30, (a @ b).abs().max().item())
             rows.append({"m": m, "k": k, "n": n, "layout": layout, **med,
                          "onednn_over_mm": round(med["onednn_ms"] / med["mm_ms"], 3),
                          "route": "onednn" if matmul.uses_onednn(a, b) else "mm", "max_rel_diff": float(f"{err:.2e}")})
