@@ -78,6 +78,56 @@ def mode_expand(x: Tensor, factor: Tensor, mode: int) -> Tensor:
     return mode_product(x, factor.T, mode)
 
 
+#: a tensor's two trailing modes (a conv's spatial modes) are contracted together, with their Kronecker
+#: factor, while they hold at most this many positions H·W: on small feature maps each per-mode product is
+#: a memory-bound pass with a transposed copy; one product over the (…, H·W) view replaces two of them
+#: (MobileNetV2's (8, 960, 7, 7) → (8, 960, 4, 4): 1.4 → 0.2 ms)
+PAIR_MAX_POSITIONS = 64
+
+
+def pair_fits(height: int, width: int) -> bool:
+    """Whether a ``height × width`` map is small enough for the pair products."""
+    return int(height) * int(width) <= PAIR_MAX_POSITIONS
+
+
+def pair_gram(x: Tensor) -> Tensor:
+    """The Gram of the two trailing modes together: x ``(…, H, W)`` → ``(H, W, H, W)``, entry
+    ``[h, w, k, v] = Σ x[…, h, w]·x[…, k, v]``. Every mode Gram of those two modes (also after projecting
+    the other one, :func:`pair_mode_gram`) is a contraction of it. Cost 2·numel·H·W FLOPs, one pass."""
+    h, w = x.shape[-2:]
+    m = x.reshape(-1, h * w)
+    return mm(m.T, m).view(h, w, h, w)
+
+
+def pair_mode_gram(gram4: Tensor, mode: int, other: Tensor | None = None) -> Tensor:
+    """Mode Gram of trailing mode ``mode`` (0: H, 1: W of the pair) from :func:`pair_gram`'s ``(H, W, H, W)``.
+
+    ``other``: the other mode's factor ``(D, r)`` already projected (the Gram of ``x ×_other otherᵀ``), or
+    ``None`` (of ``x`` itself). → ``(D_mode, D_mode)``.
+    """
+    if other is None:
+        return torch.einsum("hwkw->hk", gram4) if mode == 0 else torch.einsum("hwhv->wv", gram4)
+    keep = other @ other.T  # the projector onto the other mode's factor
+    if mode == 0:
+        return torch.einsum("wv,hwkv->hk", keep, gram4)
+    return torch.einsum("hk,hwkv->wv", keep, gram4)
+
+
+def pair_product(x: Tensor, u_h: Tensor, u_w: Tensor) -> Tensor:
+    """Project both trailing modes at once: x ``(…, H, W)``, ``u_h (H, r_h)``, ``u_w (W, r_w)`` → ``(…, r_h, r_w)``;
+    equals ``mode_product(mode_product(x, u_h, -2), u_w, -1)``. Cost 2·numel·r_h·r_w FLOPs."""
+    h, w = x.shape[-2:]
+    (r_h, r_w) = u_h.shape[1], u_w.shape[1]
+    # the Kronecker factor [(h, w), (i, j)] = u_h[h, i]·u_w[w, j] (torch.kron fails on transposed views)
+    kron = (u_h[:, None, :, None] * u_w[None, :, None, :]).reshape(h * w, r_h * r_w)
+    out = mm(x.reshape(-1, h * w), kron)
+    return out.reshape(*x.shape[:-2], r_h, r_w)
+
+
+def pair_expand(x: Tensor, u_h: Tensor, u_w: Tensor) -> Tensor:
+    """Lift both trailing modes at once: x ``(…, r_h, r_w)`` → ``(…, H, W)`` (the inverse contraction)."""
+    return pair_product(x, u_h.T, u_w.T)
+
 
 def orth(matrix: Tensor) -> Tensor:
     """Reduced QR: an orthonormal basis ``(m, k)`` of the columns of ``matrix (m, k)``."""

@@ -92,6 +92,37 @@ def test_compressed_space_weight_grad_exact_with_full_orthogonal_factors(config)
     assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12
 
 
+@pytest.mark.parametrize("channels_first", [True, False], ids=["channels_first", "spatial_first"])
+@pytest.mark.parametrize("config", ["depthwise", "depthwise_multiplier", "grouped"])
+def test_grouped_weight_grad_at_low_rank_equals_reconstructed_input(config, channels_first, monkeypatch):
+    """A grouped conv lifts channels and spatial modes in the cheaper order; both orders give the dW of the
+    reconstructed input ``x̂ = core ×_m U_m`` (truncated, non-square factors), to rounding."""
+    monkeypatch.setattr(Fn, "_channels_first_is_cheaper", lambda *args: channels_first)
+    torch.manual_seed(4)
+    layer = nn.Conv2d(**CONV_CONFIGS[config]).double()
+    x = torch.randn(INPUT, dtype=torch.float64)
+    ranks = (3, 4, 5, 6)
+    factors = [torch.linalg.qr(torch.randn(d, r, dtype=torch.float64)).Q for d, r in zip(INPUT, ranks)]
+    core = x
+    for mode, factor in enumerate(factors):
+        core = T.mode_product(core, factor, mode)
+    x_hat = core
+    for mode, factor in enumerate(factors):
+        x_hat = T.mode_expand(x_hat, factor, mode)
+    out = layer(x_hat)
+    grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    dw = Fn.tucker_weight_grad(layer, core, factors, grad_output)
+    assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12
+
+
+def test_depthwise_lifts_channels_first_where_that_is_cheaper():
+    """MobileNetV2's 960-channel depthwise core (8, 120, 4, 4) padded to 9×9: channels first (18 M MACs, not 75 M)."""
+    assert Fn._channels_first_is_cheaper((8, 120, 4, 4), (32, 960, 7, 7), (1, 1, 1, 1))
+    # barely compressed spatial modes, few channels: lifting the spatial modes first is cheaper
+    assert not Fn._channels_first_is_cheaper((8, 2, 56, 56), (32, 4, 56, 56), (1, 1, 1, 1))
+
+
 @pytest.mark.parametrize("shape", [(6, 7), (4, 5, 7), (3, 4, 5, 7)], ids=["2d", "3d", "4d"])
 def test_linear_compressed_space_with_full_orthogonal_factors(shape):
     torch.manual_seed(3)

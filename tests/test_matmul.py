@@ -29,6 +29,15 @@ def test_strided_left_operand():
     torch.testing.assert_close(matmul.mm(g.T, x), (g.T.double() @ x.double()).float(), rtol=1e-5, atol=1e-3)
 
 
+def test_tall_thin_products_go_to_onednn_whatever_their_size():
+    """A mode product onto a small spatial mode, (53760, 7) @ (7, 4): 1.5 M MACs, below MIN_MACS, but tall."""
+    torch.manual_seed(3)
+    a, b = torch.randn(matmul.MIN_ROWS_TALL, 7), torch.randn(7, 4)
+    assert a.shape[0] * 7 * 4 < matmul.MIN_MACS and matmul.uses_onednn(a, b)
+    torch.testing.assert_close(matmul.mm(a, b), (a.double() @ b.double()).float(), rtol=1e-5, atol=1e-5)
+    assert not matmul.uses_onednn(torch.randn(matmul.MIN_ROWS_TALL - 1, 7), b)
+
+
 def test_small_float64_and_autograd_stay_on_mm():
     assert not matmul.uses_onednn(torch.randn(64, 64), torch.randn(64, 64))  # below MIN_MACS
     assert not matmul.uses_onednn(torch.randn(1, 2048), torch.randn(2048, 2048))  # one row, strided weight

@@ -25,6 +25,7 @@ from engine.methods.base import (
     contract_except,
     effective_ranks,
     energy_ratio,
+    project_modes,
     projection_order,
     tucker_stash,
     tucker_weight_grad,
@@ -106,10 +107,8 @@ class HOSVD(_TuckerMethod):
             flops += f
             ranks[mode] = r
             factors[mode] = factor
-        y = x
-        for mode in projection_order(shape, {m: r for m, r in ranks.items() if m > 0}):
-            flops += 2 * y.numel() * ranks[mode]
-            y = T.mode_product(y, factors[mode], mode)
+        y, f = project_modes(x, factors, projection_order(shape, {m: r for m, r in ranks.items() if m > 0}))
+        flops += f
         if factors[0] is not None:
             flops += 2 * y.numel() * ranks[0]
             y = T.mode_product(y, factors[0], 0)
@@ -162,6 +161,8 @@ class ASI(_TuckerMethod):
     """
 
     name = "asi"
+    #: the batch mode's iteration goes through its Gram up to this many rows per rank (:meth:`_iterate`)
+    GRAM_ROWS_PER_RANK = 8
     state_names = ("asi_factor_0", "asi_factor_1", "asi_factor_2", "asi_factor_3", "asi_steps")
 
     def __init__(self, layer_name: str = "", seed: int = 0, ranks: Sequence[int] | None = None,
@@ -187,9 +188,29 @@ class ASI(_TuckerMethod):
     def planned_ranks(self, layer, shape):
         return self.resolve_ranks(layer, shape)
 
+    def _from_gram(self, layer, gram: Tensor, mode: int, rank: int) -> Tensor:
+        """ASI's step for ``mode`` from its Gram ``G = A_(m) A_(m)ᵀ (D, D)``: warm ``orth(G U_prev)`` (the same
+        iteration as ``orth(A (Aᵀ U_prev))``), cold the Gram's leading eigenvectors (exact). → ``(D, r)``."""
+        d = gram.shape[0]
+        prev = layer._buffers.get(f"asi_factor_{mode}")
+        if prev is not None and tuple(prev.shape) == (d, rank):
+            u = T.orth(gram @ prev.to(dtype=gram.dtype, device=gram.device))
+        else:
+            u = S.eigh_descending(gram)[1][:, :rank].contiguous()
+        layer._buffers[f"asi_factor_{mode}"] = u
+        return u
+
     def _iterate(self, layer, source: Tensor, mode: int, rank: int, generator: torch.Generator) -> tuple[Tensor, int]:
-        """One subspace-iteration step for ``mode`` of ``source``: ``(D_m, r)`` factor, FLOPs."""
+        """One subspace-iteration step for ``mode`` of ``source``: ``(D_m, r)`` factor, FLOPs.
+
+        The leading mode of a tensor (the batch mode, batch first) with ``D ≤ GRAM_ROWS_PER_RANK · r`` goes
+        through its ``D×D`` Gram (:meth:`_from_gram`): one pass over ``A`` instead of two.
+        """
         d = source.shape[mode]
+        if mode == 0 and d <= self.GRAM_ROWS_PER_RANK * rank:
+            a = source.reshape(d, -1)
+            u = self._from_gram(layer, mm(a, a.T), mode, rank)
+            return u, 2 * source.numel() * d + 2 * d * d * rank + 2 * d * rank * rank
         prev = layer._buffers.get(f"asi_factor_{mode}")
         if prev is None or tuple(prev.shape) != (d, rank):
             sketch_shape = list(source.shape)
@@ -204,6 +225,18 @@ class ASI(_TuckerMethod):
         layer._buffers[f"asi_factor_{mode}"] = u
         return u, flops + 2 * source.numel() * rank + 2 * d * rank * rank
 
+    def _iterate_pair(self, layer, y: Tensor, first: int, second: int, ranks) -> tuple[Tensor, int]:
+        """Both spatial modes of a small map in one pass: their joint Gram gives the first mode's Gram and,
+        after projecting it, the second's (:func:`engine.tensor_ops.pair_mode_gram`); the same two sequential
+        iterations. y ``(…, H, W)`` → (y projected on both, FLOPs)."""
+        gram4 = T.pair_gram(y)
+        u_first = self._from_gram(layer, T.pair_mode_gram(gram4, first - 2), first, ranks[first])
+        u_second = self._from_gram(layer, T.pair_mode_gram(gram4, second - 2, u_first), second, ranks[second])
+        factors = {first: u_first, second: u_second}
+        positions = y.shape[-1] * y.shape[-2]
+        flops = 2 * y.numel() * positions + 2 * y.numel() * ranks[2] * ranks[3] + 4 * positions**2 * max(y.shape[-2:])
+        return T.pair_product(y, factors[2], factors[3]), flops
+
     def compress(self, layer, x: Tensor) -> Stash:
         shape = x.shape
         ranks = self.resolve_ranks(layer, shape)
@@ -213,17 +246,25 @@ class ASI(_TuckerMethod):
         order = projection_order(shape, {m: ranks[m] for m in range(1, x.dim())})
         batch_first = ranks[0] < shape[0] and (not self.sequential or self._batch_first_is_cheaper(shape, ranks, order))
         modes = ([0] if batch_first else []) + order
-        for mode in modes:
+        i = 0
+        while i < len(modes):
+            mode = modes[i]
+            if self.sequential and x.dim() == 4 and sorted(modes[i : i + 2]) == [2, 3] and T.pair_fits(shape[2], shape[3]):
+                y, f = self._iterate_pair(layer, y, mode, modes[i + 1], ranks)
+                factors[2], factors[3] = layer._buffers["asi_factor_2"], layer._buffers["asi_factor_3"]
+                flops += f
+                i += 2
+                continue
             u, f = self._iterate(layer, y if self.sequential else x, mode, ranks[mode], generator)
             factors[mode] = u
             flops += f
             if self.sequential:
                 flops += 2 * y.numel() * ranks[mode]
                 y = T.mode_product(y, u, mode)
+            i += 1
         if not self.sequential:
-            for mode in modes:
-                flops += 2 * y.numel() * ranks[mode]
-                y = T.mode_product(y, factors[mode], mode)
+            y, f = project_modes(y, factors, modes)
+            flops += f
         # Batch mode last (narrow layers or large r_B): derived exactly enough from the small tensor.
         batch_rank = None if batch_first else ranks[0]
         layer.asi_steps += 1
@@ -336,10 +377,8 @@ class LANCE(_TuckerMethod):
             flops += 2 * x.numel() * batch_rank
             factors[0] = u_batch
             batch_rank = None
-        for mode in order:
-            flops += 2 * y.numel() * ranks[mode]
-            y = T.mode_product(y, factors[mode], mode)
-        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, generator)
+        y, f = project_modes(y, factors, order)
+        return self._finish(x, y, factors, batch_rank, flops + f, self.track_energy, generator)
 
     @staticmethod
     def _batch_first_is_cheaper(shape, ranks: dict, order: list, batch_rank: int) -> bool:
