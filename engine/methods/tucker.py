@@ -249,7 +249,8 @@ class ASI(_TuckerMethod):
         i = 0
         while i < len(modes):
             mode = modes[i]
-            if self.sequential and x.dim() == 4 and sorted(modes[i : i + 2]) == [2, 3] and T.pair_fits(shape[2], shape[3]):
+            pair = self.sequential and x.dim() == 4 and sorted(modes[i : i + 2]) == [2, 3]
+            if pair and T.pair_fits(shape[2], shape[3]):
                 y, f = self._iterate_pair(layer, y, mode, modes[i + 1], ranks)
                 factors[2], factors[3] = layer._buffers["asi_factor_2"], layer._buffers["asi_factor_3"]
                 flops += f
