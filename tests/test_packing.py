@@ -127,6 +127,27 @@ def test_max_pool_keeps_window_offsets_in_uint8(kwargs):
     assert plain.region_activation_bytes == x.numel() * 8 + out.numel() * 8
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 17, 19), (2, 3, 16, 16)], ids=["odd", "even"])
+def test_max_pool_2x2_route_matches_aten_values_offsets_and_gradients(shape):
+    """The strided-quarters 2×2 route (maps of ≥ 256 positions): ATen's maxima, its first-maximum (row-major)
+    offsets on every kind of tie, and the same input gradient bit for bit."""
+    x = _x(*shape).relu()  # many exact zeros, as after ReLU/dropout
+    x[0, 0, 0:2, 0:2] = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=x.dtype)  # (0,1) ties (1,0): (0,1) wins
+    x[0, 0, 2:4, 0:2] = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=x.dtype)  # (0,0) ties (1,1)
+    x[0, 0, 4:6, 0:2] = torch.tensor([[0.0, 0.0], [2.0, 2.0]], dtype=x.dtype)  # (1,0) ties (1,1)
+    x[0, 1, :6, :6] = 3.0                                                       # all four tie
+    assert engine.packing.is_plain_2x2(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+    y, offsets = engine.packing.max_pool_2x2(x)
+    want, index = F.max_pool2d(x, 2, return_indices=True)
+    rows, cols = index // shape[-1], index % shape[-1]
+    oh = torch.arange(want.shape[-2]).view(-1, 1)
+    ow = torch.arange(want.shape[-1]).view(1, -1)
+    assert torch.equal(y, want)
+    assert torch.equal(offsets.long(), (rows - 2 * oh) * 2 + (cols - 2 * ow))
+    assert offsets[0, 0, 0, 0] == 1 and offsets[0, 0, 1, 0] == 0 and offsets[0, 0, 2, 0] == 2
+    _compare(nn.MaxPool2d(2), x)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_frozen_batchnorm_gradient_is_bitwise_autograd_in_fp32(channels_last):
     bn = nn.BatchNorm2d(48).eval()
@@ -162,6 +183,21 @@ def test_average_pools_save_nothing(pool):
 def test_offset_dtype_is_the_narrowest():
     assert offset_dtype(4) == torch.uint8 and offset_dtype(256) == torch.uint8
     assert offset_dtype(257) == torch.int16 and offset_dtype(2 ** 16) == torch.int32
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                     dict(kernel_size=2, ceil_mode=True), dict(kernel_size=3, dilation=2)],
+                         ids=["2x2", "3x3_s2_p1", "ceil", "dilated"])
+def test_packed_max_pool_without_grad_gives_the_plain_maxima_in_nchw(options):
+    """Evaluation goes through a channels_last copy (2-4× faster on CPU): same values, NCHW-contiguous out."""
+    torch.manual_seed(11)
+    x = torch.randn(3, 5, 13, 11)
+    x[:, :, :4, :4] = 0.0  # ties
+    packed = engine.packing.PackedMaxPool2d(**options)
+    with torch.no_grad():
+        got = packed(x)
+    want = F.max_pool2d(x, **options)
+    assert got.is_contiguous() and torch.equal(got, want)
 
 
 def test_inplace_and_no_grad_fall_back_and_unpack_restores_classes():

@@ -61,7 +61,7 @@ def test_batch_factor_gram_route_is_the_exact_leading_left_singular_subspace(bat
     v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     k = min(batch, n)
     m = (u[:, :k] * 0.7 ** torch.arange(k, dtype=torch.float64)) @ v[:, :k].T  # (B, n), σ_i = 0.7^i
-    assert batch <= base.GRAM_BATCH_PER_RANK * (4 + 8)
+    assert base.gram_route(batch, n)
     factor, flops = base.batch_factor(m, 4, torch.Generator().manual_seed(0))
     assert factor.shape == (batch, 4) and flops > 0
     assert torch.allclose(factor.T @ factor, torch.eye(4, dtype=torch.float64), atol=1e-10)
@@ -69,7 +69,7 @@ def test_batch_factor_gram_route_is_the_exact_leading_left_singular_subspace(bat
 
 
 def test_batch_factor_range_finder_above_the_gram_limit_still_finds_the_subspace(monkeypatch):
-    monkeypatch.setattr(base, "GRAM_BATCH_PER_RANK", 1)
+    monkeypatch.setattr(base, "gram_route", lambda batch, n: False)
     g = torch.Generator().manual_seed(7)
     u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
     m = (u[:, :4] * torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)) @ torch.randn(4, 300, generator=g,

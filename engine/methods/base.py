@@ -222,11 +222,19 @@ def contract_except(x: Tensor, y: Tensor, mode: int) -> Tensor:
     return torch.einsum("adb,arb->dr", x.reshape(a, d, b), y.reshape(a, r, b))
 
 
-#: the batch factor comes from the exact ``B×B`` Gram while ``B ≤ GRAM_BATCH_PER_RANK · k``: one pass over
-#: ``y`` (B²·n multiply-adds, compute-bound) instead of the range finder's three passes and its ``n×k``
-#: Gaussian draw (memory-bound). Measured on one thread, k = 8: (32, 47040) 6.06 → 1.02 ms,
-#: (64, 47040) 9.68 → 3.44 ms, (128, 47040) 15.2 → 10.5 ms (``docs/bench/batch_factor_routes.json``).
-GRAM_BATCH_PER_RANK = 16
+#: the batch factor comes from the exact ``B×B`` Gram (one compute-bound pass over ``y``, B²·n multiply-adds)
+#: rather than the range finder (its n×k Gaussian draw and three memory-bound passes) up to this batch size,
+#: and above it while the unfolding is at least GRAM_COLUMNS_PER_ROW·B columns wide. Measured on one thread,
+#: r = 8 (``python3 docs/bench/tucker_routes.py``): (32, 47040) 3.7 → 1.0 ms, (64, 47040) 10.5 → 3.6 ms,
+#: (128, 47040) 13.3 → 9.8 ms; (128, 5760) stays on the range finder (1.0 against 1.7 ms). Fewer columns than
+#: rows (n < B) always take the small n×n Gram.
+GRAM_MAX_BATCH = 64
+GRAM_COLUMNS_PER_ROW = 256
+
+
+def gram_route(batch: int, n: int) -> bool:
+    """Whether :func:`batch_factor` takes the Gram route for a ``(batch, n)`` unfolding."""
+    return batch <= GRAM_MAX_BATCH or n < batch or n >= GRAM_COLUMNS_PER_ROW * batch
 
 
 def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
@@ -235,7 +243,7 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
 
     y ``(B, …)`` → (``U_B (B, r)`` orthonormal, FLOPs). With ``M = y_(0)`` (B × n):
 
-    - ``B ≤ GRAM_BATCH_PER_RANK · (r + oversample)``: the leading ``r`` eigenvectors of the Gram ``M Mᵀ``,
+    - where :func:`gram_route` says so: the leading ``r`` eigenvectors of the Gram ``M Mᵀ``,
       i.e. the exact leading left singular vectors of ``M`` (no randomness); where ``n < B``, the same
       span from the smaller ``n×n`` Gram ``MᵀM`` (``orth(M V_r)``).
     - otherwise a randomized range finder with one power iteration: ``Q = orth(M Ω)``,
@@ -251,7 +259,7 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
     m = y.reshape(batch, -1)
     n = m.shape[1]
     k = min(rank + oversample, batch, n)
-    if batch <= GRAM_BATCH_PER_RANK * k:
+    if gram_route(batch, n):
         if n < batch:  # fewer columns than rows: the n×n Gram's eigenvectors V give the same span, M V_r
             _, vectors = S.eigh_descending(mm(m.T, m))
             u = T.orth(mm(m, vectors[:, :rank]))
