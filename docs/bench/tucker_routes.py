@@ -63,12 +63,12 @@ def main() -> None:
     rows = []
     for batch, n in ((16, 47040), (32, 47040), (64, 47040), (128, 47040), (32, 17280), (128, 5760)):
         m = torch.randn(batch, n).relu()
-        plain, fast = pair_ms(lambda m=m: _range_finder(m, 8, generator), lambda m=m: base.batch_factor(m, 8)[0],
-                              args.repeats)
+        plain, fast = pair_ms(lambda m=m: _range_finder(m, 8, generator),
+                              lambda m=m: base.batch_factor(m, 8, oversample=0)[0], args.repeats)
         gap = _gap(_range_finder(m, 8, generator), torch.linalg.svd(m, full_matrices=False)[0][:, :8])
         rows.append({"route": "batch_factor", "shape": [batch, n], "plain_ms": plain, "fast_ms": fast,
                      "range_finder_subspace_gap_to_svd": round(gap, 4),
-                     "gram_subspace_gap_to_svd": round(_gap(base.batch_factor(m, 8)[0],
+                     "gram_subspace_gap_to_svd": round(_gap(base.batch_factor(m, 8, oversample=0)[0],
                                                             torch.linalg.svd(m, full_matrices=False)[0][:, :8]), 6)})
     for shape, (r_h, r_w) in (((8, 960, 7, 7), (4, 4)), ((32, 480, 6, 6), (3, 3)), ((128, 960, 7, 7), (4, 4))):
         rows += _pair_rows(torch.randn(shape).relu(), T.orth(torch.randn(shape[2], r_h)),
