@@ -296,7 +296,7 @@ def max_pool_2x2(x: torch.Tensor, offsets: bool = True) -> tuple[torch.Tensor, t
     The offset is the first maximum in row-major window order, ATen's rule: the columns of each row pair
     first (the right one only if strictly greater), then the rows. Same values and offsets as
     ``max_pool2d_with_indices`` (a NaN gives NaN; which NaN's position gets the gradient may differ).
-    On conv1's (64, 64, 29, 29): 9.4 ms with offsets (15.9 through a channels_last copy), 1.9 ms values only
+    On conv1's (64, 64, 29, 29): 5.8 ms with offsets (15.9 through a channels_last copy), 1.9 ms values only
     (12.0); at batch 256: 6.1 ms values only (37 through channels_last, 69 in NCHW).
     """
     h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
@@ -307,10 +307,11 @@ def max_pool_2x2(x: torch.Tensor, offsets: bool = True) -> tuple[torch.Tensor, t
     y = torch.maximum(top, bottom)
     if not offsets:
         return y, None
-    kw = right > left
-    kh = bottom > top
-    kw_chosen = torch.where(kh, kw[..., 1::2, :], kw[..., 0::2, :])
-    return y, kh.view(torch.uint8) * 2 + kw_chosen.view(torch.uint8)
+    kw = (right > left).view(torch.uint8)
+    kh = (bottom > top).view(torch.uint8)
+    kw_top, kw_bottom = kw[..., 0::2, :], kw[..., 1::2, :]
+    # kh·2 + (kw of the chosen row), in uint8 arithmetic (wraps to the right value): 5× faster than a bool where
+    return y, kh * 2 + kw_top + kh * (kw_bottom - kw_top)
 
 
 class _PackedMaxPool2d(torch.autograd.Function):
