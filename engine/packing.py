@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dropout import FastDropout, dropout_fast
+from engine.dropout import FastDropout, apply_mask, dropout_fast, keep_mask
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 _ONE_SIXTH = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))  # ATen's hardsigmoid slope: 1.0f / 6.0f
@@ -157,12 +157,43 @@ class _MaskedGrad(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
+class _PackedReluDropout(torch.autograd.Function):
+    """ReLU then :class:`engine.dropout.FastDropout` in one op: ``y = x · c / (1 − p)``, ``c = (x > 0) ∧ keep``.
+
+    The keep mask is the one the dropout alone would draw (the same generator call), so the outputs and the
+    input gradient are the two ops' own numbers; the one combined mask is saved as bits (1 bit per element,
+    not ReLU's bit plus dropout's). A NaN gradient where ``x ≤ 0`` stays NaN (ReLU's backward alone gives 0).
+    On conv1's (64, 64, 29, 29): forward 4.6 → 3.4 ms in isolation; the backward loses ReLU's mask cast and
+    ``threshold_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, p):
+        combined = (x > 0) & keep_mask(x.shape, p)
+        ctx.p, ctx.shape = p, x.shape
+        ctx.save_for_backward(pack_bits(combined))
+        return apply_mask(x, combined, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return apply_mask(grad, unpack_bits(packed, ctx.shape), ctx.p), None
+
+
 def _masked(x, fn, mask_fn, kind, slope=None):
     return _MaskedGrad.apply(x, fn, mask_fn, kind, slope)
 
 
 class PackedReLU(nn.ReLU):
     """``nn.ReLU`` saving 1 bit per element (``y > 0``) instead of its output."""
+
+    def fuse_next(self, nxt: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """ReLU and the packed dropout that follows it as one op (:class:`_PackedReluDropout`), or ``None`` where
+        either would take another path (inplace, eval, no grad, off CPU, p ∉ (0, 1))."""
+        if (type(nxt) is not PackedFastDropout or self.inplace or nxt.inplace or not nxt.training
+                or not 0.0 < nxt.p < 1.0 or not _wants_grad(x) or x.device.type != "cpu" or x.numel() == 0):
+            return None
+        return _PackedReluDropout.apply(x, float(nxt.p))
 
     def forward(self, x):
         if self.inplace or not _wants_grad(x):

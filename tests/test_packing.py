@@ -387,3 +387,52 @@ def test_continual_packing_is_exact_and_measures_peak_memory(method):
         assert b.peak_memory_bytes > 0 and a.peak_memory_bytes > 0
         assert {"key": "peak_memory_bytes", "value": b.peak_memory_bytes}.items() <= \
             next(r for r in task_rows(b) if r["key"] == "peak_memory_bytes").items()
+
+
+def _alexnet_step(model, x, y, seed):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    with SavedBytesMeter(model) as meter:
+        loss = F.cross_entropy(model(x, 0), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, meter
+
+
+def test_packed_relu_then_dropout_run_as_one_op_with_the_same_numbers_and_one_mask(monkeypatch):
+    """alexnet-cl's ReLU → dropout pairs: the fused op (one combined bit mask) gives the plain model's loss and
+    every gradient bit for bit, and saves one bit per element where the two packed ops saved two."""
+    from engine.models.cl_nets import build_multihead
+    from engine.packing import PackedReLU, _PackedReluDropout
+
+    torch.manual_seed(0)
+    plain = build_multihead("alexnet-cl", [2, 2], 32, seed=0).train()
+    packed = copy.deepcopy(plain)
+    pack_region(packed)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
+    calls = []
+    real_apply = _PackedReluDropout.apply
+    monkeypatch.setattr(_PackedReluDropout, "apply", lambda *a: calls.append(a[0].shape) or real_apply(*a))
+    loss0, grads0, _ = _alexnet_step(plain, x, y, seed=3)
+    loss1, grads1, fused_meter = _alexnet_step(packed, x, y, seed=3)
+    assert len(calls) == 5  # conv1, conv2, conv3, fc1, fc2
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
+    assert all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    monkeypatch.setattr(PackedReLU, "fuse_next", lambda self, nxt, x: None)
+    loss2, grads2, separate_meter = _alexnet_step(packed, x, y, seed=3)
+    assert torch.equal(loss1, loss2) and all(torch.equal(grads1[n], grads2[n]) for n in grads1)
+    pair_bytes = sum((s.numel() + 7) // 8 for s in calls)  # one bit per element of each fused pair
+    assert separate_meter.region_activation_bytes - fused_meter.region_activation_bytes == pair_bytes
+
+
+def test_fuse_next_declines_where_the_ops_take_other_paths():
+    from engine.packing import PackedFastDropout, PackedReLU
+
+    relu, drop = PackedReLU(), PackedFastDropout(0.5)
+    x = torch.randn(4, 6, requires_grad=True)
+    assert relu.fuse_next(drop, x) is not None
+    assert relu.fuse_next(nn.Dropout(0.5), x) is None  # not the packed fast dropout
+    assert relu.fuse_next(drop.eval(), x) is None
+    assert relu.fuse_next(drop.train(), x.detach()) is None  # no grad: plain forward
+    assert relu.fuse_next(PackedFastDropout(0.0), x) is None
+    with torch.no_grad():
+        assert relu.fuse_next(drop, x) is None

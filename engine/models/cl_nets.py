@@ -112,9 +112,23 @@ class ReducedResNet18Trunk(nn.Module):
 
 
 def _run_steps(root: nn.Module, stage_steps, x):
+    """Run each stage's steps in order. A module with ``fuse_next(next_module, x)`` (a packed ReLU before a packed
+    dropout) may run itself and the next step as one op; it returns ``None`` where it does not."""
     for _, steps in stage_steps:
-        for step in steps:
-            x = root.get_submodule(step)(x) if isinstance(step, str) else step(x)
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            if not isinstance(step, str):
+                x, i = step(x), i + 1
+                continue
+            module = root.get_submodule(step)
+            fuse = getattr(module, "fuse_next", None)
+            if fuse is not None and i + 1 < len(steps) and isinstance(steps[i + 1], str):
+                fused = fuse(root.get_submodule(steps[i + 1]), x)
+                if fused is not None:
+                    x, i = fused, i + 2
+                    continue
+            x, i = module(x), i + 1
     return x
 
 
