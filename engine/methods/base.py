@@ -190,6 +190,13 @@ def projection_order(shape: Sequence[int], ranks: dict[int, int]) -> list[int]:
     return best
 
 
+def spatial_pair_at(modes: Sequence[int], i: int, shape: Sequence[int]) -> bool:
+    """Whether ``modes[i]`` and ``modes[i + 1]`` are a conv's two spatial modes (either order) on a map small
+    enough to be handled together (:func:`engine.tensor_ops.pair_fits`)."""
+    return (len(shape) == 4 and sorted(modes[i : i + 2]) == [2, 3]
+            and T.pair_fits(int(shape[2]), int(shape[3])))
+
+
 def project_modes(y: Tensor, factors: Sequence[Tensor | None], order: Sequence[int]) -> tuple[Tensor, int]:
     """Project ``y`` onto ``factors[m]`` for each mode ``m`` of ``order``, one after another → (tensor, FLOPs).
 
@@ -199,7 +206,7 @@ def project_modes(y: Tensor, factors: Sequence[Tensor | None], order: Sequence[i
     flops, i, order = 0, 0, list(order)
     while i < len(order):
         mode = order[i]
-        if y.dim() == 4 and sorted(order[i : i + 2]) == [2, 3] and T.pair_fits(y.shape[2], y.shape[3]):
+        if spatial_pair_at(order, i, y.shape):
             flops += 2 * y.numel() * factors[2].shape[1] * factors[3].shape[1]
             y = T.pair_product(y, factors[2], factors[3])
             i += 2

@@ -27,11 +27,17 @@ from engine.methods.base import (
     energy_ratio,
     project_modes,
     projection_order,
+    spatial_pair_at,
     tucker_stash,
     tucker_weight_grad,
 )
 
 Tensor = torch.Tensor
+
+#: a batch mode of at most this many rows per rank is cheap to handle through its B×B Gram on the whole
+#: activation: ASI then iterates it through the Gram, LANCE may project it first (above it, batch 128 at
+#: r_B = 8, that Gram costs more than the other modes' projections)
+BATCH_GRAM_ROWS_PER_RANK = 8
 
 
 def _check_ranks(layer_name: str, ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
@@ -162,7 +168,7 @@ class ASI(_TuckerMethod):
 
     name = "asi"
     #: the batch mode's iteration goes through its Gram up to this many rows per rank (:meth:`_iterate`)
-    GRAM_ROWS_PER_RANK = 8
+    GRAM_ROWS_PER_RANK = BATCH_GRAM_ROWS_PER_RANK
     state_names = ("asi_factor_0", "asi_factor_1", "asi_factor_2", "asi_factor_3", "asi_steps")
 
     def __init__(self, layer_name: str = "", seed: int = 0, ranks: Sequence[int] | None = None,
@@ -249,8 +255,7 @@ class ASI(_TuckerMethod):
         i = 0
         while i < len(modes):
             mode = modes[i]
-            pair = self.sequential and x.dim() == 4 and sorted(modes[i : i + 2]) == [2, 3]
-            if pair and T.pair_fits(shape[2], shape[3]):
+            if self.sequential and spatial_pair_at(modes, i, shape):
                 y, f = self._iterate_pair(layer, y, mode, modes[i + 1], ranks)
                 factors[2], factors[3] = layer._buffers["asi_factor_2"], layer._buffers["asi_factor_3"]
                 flops += f
@@ -370,13 +375,14 @@ class LANCE(_TuckerMethod):
         layer.lance_steps += 1
         order = projection_order(x.shape, ranks)
         y, flops = x, 0
-        # batch first only while its Gram is small (B ≤ 8·r_B): at batch 128, r_B = 8 the (128, 128) Gram of the
-        # whole activation costs more than the fixed modes' projections (interleaved, 1 thread: MobileNetV2's
-        # features.17 36.5 vs 40.9 ms, ResNet-18's layer4.0.downsample 66.9 vs 72.2 ms)
-        if (batch_rank < x.shape[0] <= 8 * batch_rank
+        # batch first only while its Gram is small (B ≤ BATCH_GRAM_ROWS_PER_RANK·r_B): at batch 128, r_B = 8 the
+        # (128, 128) Gram of the whole activation costs more than the fixed modes' projections (interleaved,
+        # 1 thread: MobileNetV2's features.17 36.5 vs 40.9 ms, ResNet-18's layer4.0.downsample 66.9 vs 72.2 ms)
+        if (batch_rank < x.shape[0] <= BATCH_GRAM_ROWS_PER_RANK * batch_rank
                 and self._batch_first_is_cheaper(x.shape, ranks, order, batch_rank)):
-            # Wide layers: a rank-r_B range finder on the full activation (4·r_B passes' worth) costs less
-            # than projecting the fixed channel factor first; the fixed modes then act on B/r_B less data.
+            # Wide layers: the batch factor of the full activation (its Gram, engine.methods.base.batch_factor)
+            # costs less than projecting the fixed channel factor first; the fixed modes then act on B/r_B
+            # less data.
             u_batch, flops = batch_factor(x, batch_rank, generator, oversample=0)
             y = T.mode_product(x, u_batch, 0)
             flops += 2 * x.numel() * batch_rank
