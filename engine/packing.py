@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.batchnorm import FastBatchNorm2d
 from engine.dropout import FastDropout, apply_mask, dropout_fast, keep_mask
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
@@ -126,6 +127,10 @@ class PackedBatchNorm3d(_PackedBatchNormMixin, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that saves nothing for backward when frozen in eval mode."""
 
 
+class PackedFastBatchNorm2d(_PackedBatchNormMixin, FastBatchNorm2d):
+    """:class:`engine.batchnorm.FastBatchNorm2d` that saves nothing for backward when frozen in eval mode."""
+
+
 # ---------------------------------------------------------------------------- masked activations
 class _MaskedGrad(torch.autograd.Function):
     """y = fn(x) (the original op, bit for bit); backward = grad where ``mask_fn`` holds, scaled as ATen does.
@@ -180,6 +185,35 @@ class _PackedReluDropout(torch.autograd.Function):
         return apply_mask(grad, unpack_bits(packed, ctx.shape), ctx.p), None
 
 
+class _PackedReluDropoutPool(torch.autograd.Function):
+    """ReLU → :class:`engine.dropout.FastDropout` → 2×2 / stride-2 max-pool as one op; saves only the pool's
+    window offsets (uint8) and one bit per *output*: whether the combined mask held at the window's argmax.
+
+    Forward: the two ops' own numbers (``y = x · c / (1 − p)``, ``c = (x > 0) ∧ keep`` with the keep mask the
+    dropout alone draws), pooled by :func:`max_pool_2x2`. Backward: the pool's gradient reaches only each
+    window's argmax, so the mask and scale apply there, on the quarter-size output gradient, before the scatter
+    (the same products, so the same numbers, bit for bit). That bit is ``pooled > 0``: a window's maximum is
+    positive exactly where its argmax survived both masks (a NaN input gives a NaN output either way). Against
+    the pair then the pool: no full-size mask bits saved or unpacked and no full-size masked product in the
+    backward (1 bit per input element less kept).
+    """
+
+    @staticmethod
+    def forward(ctx, x, p):
+        combined = (x > 0) & keep_mask(x.shape, p)
+        pooled, offsets = max_pool_2x2(apply_mask(x, combined, p))
+        kept = pooled > 0
+        ctx.p, ctx.in_shape, ctx.in_dtype, ctx.kept_shape = p, x.shape, x.dtype, kept.shape
+        ctx.save_for_backward(offsets, pack_bits(kept))
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad):
+        offsets, packed = ctx.saved_tensors
+        grad = apply_mask(grad, unpack_bits(packed, ctx.kept_shape), ctx.p)
+        return _unpool(grad, offsets, ctx.in_shape, ctx.in_dtype, _PLAIN_2X2, False), None
+
+
 def _masked(x, fn, mask_fn, kind, slope=None):
     return _MaskedGrad.apply(x, fn, mask_fn, kind, slope)
 
@@ -187,13 +221,20 @@ def _masked(x, fn, mask_fn, kind, slope=None):
 class PackedReLU(nn.ReLU):
     """``nn.ReLU`` saving 1 bit per element (``y > 0``) instead of its output."""
 
-    def fuse_next(self, nxt: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """ReLU and the packed dropout that follows it as one op (:class:`_PackedReluDropout`), or ``None`` where
-        either would take another path (inplace, eval, no grad, off CPU, p ∉ (0, 1))."""
+    def fuse_next(self, following: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """Run this ReLU and the modules after it as one op where they allow it: ``(output, how many of
+        following it ran)``, or ``None``.
+
+        A packed dropout then a plain 2×2 / stride-2 max-pool: :class:`_PackedReluDropoutPool` (2); a packed
+        dropout alone: :class:`_PackedReluDropout` (1). Declines (``None``) where either op would take another
+        path: inplace, eval, no grad, off CPU, ``p`` ∉ (0, 1)."""
+        nxt = following[0] if following else None
         if (type(nxt) is not PackedFastDropout or self.inplace or nxt.inplace or not nxt.training
                 or not 0.0 < nxt.p < 1.0 or not _wants_grad(x) or x.device.type != "cpu" or x.numel() == 0):
             return None
-        return _PackedReluDropout.apply(x, float(nxt.p))
+        if len(following) > 1 and _is_plain_2x2_pool(following[1], x):
+            return _PackedReluDropoutPool.apply(x, float(nxt.p)), 2
+        return _PackedReluDropout.apply(x, float(nxt.p)), 1
 
     def forward(self, x):
         if self.inplace or not _wants_grad(x):
@@ -386,21 +427,44 @@ class _PackedMaxPool2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (offsets,) = ctx.saved_tensors
-        kernel, stride, padding, dilation, ceil_mode = ctx.params
-        width = ctx.in_shape[-1]
-        # index = window origin (h0·W + w0, per output position) + the offset's displacement (a k0·k1 table)
-        taps = torch.arange(kernel[0] * kernel[1], device=offsets.device)
-        table = (torch.div(taps, kernel[1], rounding_mode="floor") * (dilation[0] * width)
-                 + (taps % kernel[1]) * dilation[1])
-        oh = torch.arange(offsets.shape[-2], device=offsets.device).view(-1, 1)
-        ow = torch.arange(offsets.shape[-1], device=offsets.device).view(1, -1)
-        origin = (oh * stride[0] - padding[0]) * width + (ow * stride[1] - padding[1])
-        idx = torch.take(table, offsets.long()) + origin  # take: 2× advanced indexing's speed (same values)
-        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        shape_only = torch.empty(ctx.in_shape, dtype=ctx.in_dtype, device=grad.device, memory_format=fmt)
-        grad_in = torch.ops.aten.max_pool2d_with_indices_backward(grad, shape_only, kernel, stride, padding,
-                                                                  dilation, ceil_mode, idx)
-        return grad_in, None, None, None, None, None
+        return _unpool(grad, offsets, ctx.in_shape, ctx.in_dtype, ctx.params, ctx.channels_last), \
+            None, None, None, None, None
+
+
+#: (kernel, stride, padding, dilation, ceil_mode) of the pools :func:`max_pool_2x2` computes
+_PLAIN_2X2 = ((2, 2), (2, 2), (0, 0), (1, 1), False)
+
+
+def _unpool(grad: torch.Tensor, offsets: torch.Tensor, in_shape, in_dtype, params, channels_last: bool):
+    """Max-pool's input gradient from the output gradient and each window's argmax offset: ``grad`` scattered to
+    ``window origin + offset`` (ATen's ``max_pool2d_with_indices_backward``), zeros elsewhere."""
+    kernel, stride, padding, dilation, ceil_mode = params
+    width = in_shape[-1]
+    # index = window origin (h0·W + w0, per output position) + the offset's displacement (a k0·k1 table)
+    taps = torch.arange(kernel[0] * kernel[1], device=offsets.device)
+    table = (torch.div(taps, kernel[1], rounding_mode="floor") * (dilation[0] * width)
+             + (taps % kernel[1]) * dilation[1])
+    oh = torch.arange(offsets.shape[-2], device=offsets.device).view(-1, 1)
+    ow = torch.arange(offsets.shape[-1], device=offsets.device).view(1, -1)
+    origin = (oh * stride[0] - padding[0]) * width + (ow * stride[1] - padding[1])
+    idx = torch.take(table, offsets.long()) + origin  # take: 2× advanced indexing's speed (same values)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape_only = torch.empty(in_shape, dtype=in_dtype, device=grad.device, memory_format=fmt)
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad, shape_only, kernel, stride, padding, dilation,
+                                                           ceil_mode, idx)
+
+
+def _pool_params(pool: nn.MaxPool2d) -> tuple:
+    kernel = _pair(pool.kernel_size)
+    stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    return kernel, stride, _pair(pool.padding), _pair(pool.dilation), bool(pool.ceil_mode)
+
+
+def _is_plain_2x2_pool(module: nn.Module, x: torch.Tensor) -> bool:
+    """A packed max-pool with a 2×2 window, stride 2, no padding or dilation, floor mode, over a 4-D CPU map of
+    at least 2×2 (the pool :class:`_PackedReluDropoutPool` computes)."""
+    return (type(module) is PackedMaxPool2d and not module.return_indices and _pool_params(module) == _PLAIN_2X2
+            and x.dim() == 4 and x.shape[-2] >= 2 and x.shape[-1] >= 2)
 
 
 class PackedMaxPool2d(nn.MaxPool2d):
@@ -409,9 +473,7 @@ class PackedMaxPool2d(nn.MaxPool2d):
     def forward(self, x):
         if self.return_indices or x.dim() not in (3, 4):
             return super().forward(x)
-        kernel = _pair(self.kernel_size)
-        stride = _pair(self.stride if self.stride is not None else self.kernel_size)
-        params = (kernel, stride, _pair(self.padding), _pair(self.dilation), bool(self.ceil_mode))
+        params = _pool_params(self)
         if not _wants_grad(x):  # evaluation: the same maxima, faster
             if is_plain_2x2(x, *params):
                 return max_pool_2x2(x, offsets=False)[0]
@@ -471,6 +533,7 @@ PACKED_CLASSES: dict[type, type] = {
     nn.BatchNorm1d: PackedBatchNorm1d,
     nn.BatchNorm2d: PackedBatchNorm2d,
     nn.BatchNorm3d: PackedBatchNorm3d,
+    FastBatchNorm2d: PackedFastBatchNorm2d,
     nn.ReLU: PackedReLU,
     nn.ReLU6: PackedReLU6,
     nn.Hardtanh: PackedHardtanh,

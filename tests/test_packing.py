@@ -398,41 +398,89 @@ def _alexnet_step(model, x, y, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, meter
 
 
-def test_packed_relu_then_dropout_run_as_one_op_with_the_same_numbers_and_one_mask(monkeypatch):
-    """alexnet-cl's ReLU → dropout pairs: the fused op (one combined bit mask) gives the plain model's loss and
-    every gradient bit for bit, and saves one bit per element where the two packed ops saved two."""
+def test_packed_relu_dropout_and_pool_run_as_one_op_with_the_same_numbers_and_fewer_bits(monkeypatch):
+    """alexnet-cl's ReLU → dropout (→ max-pool) runs: the fused ops give the plain model's loss and every gradient
+    bit for bit. A ReLU → dropout pair saves one bit per element where the two packed ops saved two; with the
+    2×2 pool after it, one bit per pooled output instead of two per input element."""
     from engine.models.cl_nets import build_multihead
-    from engine.packing import PackedReLU, _PackedReluDropout
+    from engine.packing import PackedReLU, _PackedReluDropout, _PackedReluDropoutPool
 
     torch.manual_seed(0)
     plain = build_multihead("alexnet-cl", [2, 2], 32, seed=0).train()
     packed = copy.deepcopy(plain)
     pack_region(packed)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
-    calls = []
-    real_apply = _PackedReluDropout.apply
-    monkeypatch.setattr(_PackedReluDropout, "apply", lambda *a: calls.append(a[0].shape) or real_apply(*a))
+    pairs, triples = [], []
+    real_pair, real_triple = _PackedReluDropout.apply, _PackedReluDropoutPool.apply
+    monkeypatch.setattr(_PackedReluDropout, "apply", lambda *a: pairs.append(a[0].shape) or real_pair(*a))
+    monkeypatch.setattr(_PackedReluDropoutPool, "apply", lambda *a: triples.append(a[0].shape) or real_triple(*a))
     loss0, grads0, _ = _alexnet_step(plain, x, y, seed=3)
     loss1, grads1, fused_meter = _alexnet_step(packed, x, y, seed=3)
-    assert len(calls) == 5  # conv1, conv2, conv3, fc1, fc2
+    assert [tuple(s[1:]) for s in triples] == [(64, 29, 29), (128, 12, 12), (256, 5, 5)]  # conv1-3 and pools
+    assert len(pairs) == 2  # fc1, fc2: no pool after the dropout
     assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
     assert all(torch.equal(grads0[n], grads1[n]) for n in grads0)
-    monkeypatch.setattr(PackedReLU, "fuse_next", lambda self, nxt, x: None)
+    monkeypatch.setattr(PackedReLU, "fuse_next", lambda self, following, x: None)
     loss2, grads2, separate_meter = _alexnet_step(packed, x, y, seed=3)
     assert torch.equal(loss1, loss2) and all(torch.equal(grads1[n], grads2[n]) for n in grads1)
-    pair_bytes = sum((s.numel() + 7) // 8 for s in calls)  # one bit per element of each fused pair
-    assert separate_meter.region_activation_bytes - fused_meter.region_activation_bytes == pair_bytes
+
+    def bits(n):
+        return (n + 7) // 8
+
+    pooled = [s[0] * s[1] * (s[2] // 2) * (s[3] // 2) for s in triples]
+    saved = sum(bits(s.numel()) for s in pairs) + sum(2 * bits(s.numel()) - bits(p) for s, p in zip(triples, pooled))
+    assert separate_meter.region_activation_bytes - fused_meter.region_activation_bytes == saved
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 9, 7), (2, 5, 16, 16), (2, 3, 2, 3)])
+def test_relu_dropout_pool_op_matches_the_three_ops_with_nans_and_odd_maps(shape):
+    """The three-op kernel against ReLU → FastDropout → MaxPool2d(2) in plain autograd: the same output and
+    input gradient bit for bit on odd map sizes (the cropped last row / column gets zero gradient), with ties
+    (zeros, repeated values) and a NaN in the input and in the output gradient."""
+    from engine.dropout import FastDropout
+    from engine.packing import _PackedReluDropoutPool
+
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    x.view(-1)[::5] = 0.0
+    x.view(-1)[1::7] = 0.5
+    x.view(-1)[3] = float("nan")
+    reference = nn.Sequential(nn.ReLU(), FastDropout(0.3), nn.MaxPool2d(2)).train()
+    x0, x1 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y0 = reference(x0)
+    torch.manual_seed(7)
+    y1 = _PackedReluDropoutPool.apply(x1, 0.3)
+    assert torch.equal(y0.isnan(), y1.isnan()) and torch.equal(y0.nan_to_num(), y1.nan_to_num())
+    grad = torch.randn_like(y0)
+    grad.view(-1)[-1] = float("nan")
+    y0.backward(grad)
+    y1.backward(grad)
+    h, w = shape[2] // 2 * 2, shape[3] // 2 * 2
+    window_ok = ~y0.isnan().repeat_interleave(2, -2).repeat_interleave(2, -1)  # a NaN window's argmax may differ
+    g0, g1 = x0.grad[..., :h, :w][window_ok], x1.grad[..., :h, :w][window_ok]
+    assert torch.equal(g0.isnan(), g1.isnan()) and torch.equal(g0.nan_to_num(), g1.nan_to_num())
+    assert not x1.grad[..., h:, :].any() and not x1.grad[..., :, w:].any()  # cropped: no gradient
+    assert int((g1 != 0).sum()) > 0
 
 
 def test_fuse_next_declines_where_the_ops_take_other_paths():
-    from engine.packing import PackedFastDropout, PackedReLU
+    from engine.packing import PackedFastDropout, PackedMaxPool2d, PackedReLU, _PackedReluDropoutPool
 
-    relu, drop = PackedReLU(), PackedFastDropout(0.5)
+    relu, drop, pool = PackedReLU(), PackedFastDropout(0.5), PackedMaxPool2d(2)
     x = torch.randn(4, 6, requires_grad=True)
-    assert relu.fuse_next(drop, x) is not None
-    assert relu.fuse_next(nn.Dropout(0.5), x) is None  # not the packed fast dropout
-    assert relu.fuse_next(drop.eval(), x) is None
-    assert relu.fuse_next(drop.train(), x.detach()) is None  # no grad: plain forward
-    assert relu.fuse_next(PackedFastDropout(0.0), x) is None
+    assert relu.fuse_next([drop], x)[1] == 1
+    assert relu.fuse_next([nn.Dropout(0.5)], x) is None  # not the packed fast dropout
+    assert relu.fuse_next([drop.eval()], x) is None
+    assert relu.fuse_next([drop.train()], x.detach()) is None  # no grad: plain forward
+    assert relu.fuse_next([PackedFastDropout(0.0)], x) is None
+    assert relu.fuse_next([], x) is None
     with torch.no_grad():
-        assert relu.fuse_next(drop, x) is None
+        assert relu.fuse_next([drop], x) is None
+    maps = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out, ran = relu.fuse_next([drop, pool], maps)
+    assert ran == 2 and out.shape == (2, 3, 4, 4) and out.grad_fn.name().startswith(_PackedReluDropoutPool.__name__)
+    for other in (PackedMaxPool2d(3), PackedMaxPool2d(2, stride=1), PackedMaxPool2d(2, padding=1),
+                  PackedMaxPool2d(2, ceil_mode=True), PackedMaxPool2d(2, return_indices=True), nn.MaxPool2d(2)):
+        assert relu.fuse_next([drop, other], maps)[1] == 1  # the pair; the pool is left to run alone
+    assert relu.fuse_next([drop, pool], torch.randn(2, 3, 1, 8, requires_grad=True))[1] == 1

@@ -3,9 +3,12 @@
     python3 docs/bench/alexnet_cl_step.py [--repeats 7] [--json docs/bench/alexnet_cl_step.json] [--profile METHOD]
 
 ``native``: the net with plain autograd (no CompressedLayer, no packing). ``finetune`` / ``lance`` / ``gpm``: the
-learner's prepared model, packed as ``lance continual`` runs it; ``finetune-nopack``: without packing. ``gpm`` and
-``lance`` hold a protected basis of the sizes a full split-CIFAR-10 run reaches by task 4 (random orthonormal),
-so the projections cost what they cost there. Steps are interleaved method by method; medians.
+learner's prepared model, packed as ``lance continual`` runs it; ``finetune-nopack``: without packing. A kind with
+``-atenbn`` (``lance-atenbn``) runs ATen's BatchNorm kernel instead of :mod:`engine.batchnorm`'s batch-statistics
+route; one with ``-pairs`` keeps the max-pools out of the fused ReLU → dropout op
+(``engine.packing._PackedReluDropoutPool``). ``gpm`` and ``lance`` hold a protected basis of the sizes a full
+split-CIFAR-10 run reaches by task 4 (random orthonormal), so the projections cost what they cost there. Steps are
+interleaved method by method; medians.
 """
 from __future__ import annotations
 
@@ -17,15 +20,28 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from engine.batchnorm import FastBatchNorm2d
 from engine.bench.output import emit_json
 from engine.continual.learner import ContinualConfig, ContinualLearner
 from engine.malloc import tune_malloc
 from engine.methods.protected import ProtectedLANCE
 from engine.models.cl_nets import build_multihead
-from engine.packing import pack_region
+from engine.packing import PackedBatchNorm2d, PackedFastBatchNorm2d, PackedMaxPool2d, pack_region
 
 TASK4_USAGE = {"features.conv1": 0.19, "features.conv2": 0.23, "features.conv3": 0.57, "features.fc1": 0.32,
                "features.fc2": 0.23}  # rank(P)/D after task 4 of the full run (GPM, docs/speed.md)
+
+
+class SeparatePool(PackedMaxPool2d):
+    """A packed max-pool that ``PackedReLU.fuse_next`` does not take into its op (its type is not PackedMaxPool2d)."""
+
+
+def aten_batchnorm(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is PackedFastBatchNorm2d:
+            module.__class__ = PackedBatchNorm2d
+        elif type(module) is FastBatchNorm2d:
+            module.__class__ = torch.nn.BatchNorm2d
 
 
 def build(kind: str, x: torch.Tensor, y: torch.Tensor):
@@ -34,8 +50,14 @@ def build(kind: str, x: torch.Tensor, y: torch.Tensor):
         return net
     method = kind.split("-")[0]
     learner = ContinualLearner(net, ContinualConfig(method=method))
-    if not kind.endswith("nopack"):
+    if "nopack" not in kind:
         pack_region(learner.model)
+    if "pairs" in kind:  # ReLU → dropout fused, the max-pool after it separate (before the three-op fusion)
+        for module in learner.model.modules():
+            if type(module) is PackedMaxPool2d:
+                module.__class__ = SeparatePool
+    if "atenbn" in kind:  # ATen's BatchNorm kernel instead of engine.batchnorm's batch-statistics route
+        aten_batchnorm(learner.model)
     task = 0
     if method in ("gpm", "lance"):
         generator = torch.Generator().manual_seed(0)
@@ -91,10 +113,10 @@ def main() -> None:
               "malloc_tuned": tuned, "channels_last": args.channels_last}
     emit_json(result, args.json)
     if args.profile:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(3):
                 step(args.profile)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 if __name__ == "__main__":

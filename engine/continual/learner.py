@@ -135,6 +135,17 @@ def prepare_model(model: nn.Module) -> dict[str, CompressedLayer]:
     return layers
 
 
+def eval_layout(x: torch.Tensor) -> torch.Tensor:
+    """A CPU image batch ``(B, C, H, W)`` in channels_last for evaluation: oneDNN's convolutions and ATen's
+    BatchNorm, ReLU and max-pool run on NHWC without layout reorders, 132.8 → 96.1 ms for an alexnet-cl test
+    batch of 256 on one thread, 409 → 299 ms for resnet18-reduced (``python3 docs/bench/eval_layout.py``). The
+    logits equal the NCHW ones to float rounding (summation order). Training keeps NCHW: the packed ops and
+    the compressed layers' products are built for it (channels_last steps measured 25-40 % slower)."""
+    if x.device.type == "cpu" and x.dim() == 4 and x.shape[1] > 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def _inputs(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
@@ -361,7 +372,7 @@ class ContinualLearner:
         self.model.eval()
         correct = total = 0
         for x, y in batches:
-            logits = self.model(x.to(self.device), task)
+            logits = self.model(eval_layout(x.to(self.device)), task)
             correct += int((logits.argmax(dim=1).cpu() == y).sum())
             total += int(y.numel())
         self.model.train(was_training)

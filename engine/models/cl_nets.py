@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.batchnorm import FastBatchNorm2d
 from engine.dropout import FastDropout
 
 from .registry import CIFAR_MEAN, CIFAR_STD, BackboneEntry, register
@@ -28,11 +29,11 @@ class AlexNetTrunk(nn.Module):
     def __init__(self, resolution: int = 32):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 4, bias=False)
-        self.bn1 = nn.BatchNorm2d(64, track_running_stats=False)
+        self.bn1 = FastBatchNorm2d(64, track_running_stats=False)
         self.conv2 = nn.Conv2d(64, 128, 3, bias=False)
-        self.bn2 = nn.BatchNorm2d(128, track_running_stats=False)
+        self.bn2 = FastBatchNorm2d(128, track_running_stats=False)
         self.conv3 = nn.Conv2d(128, 256, 2, bias=False)
-        self.bn3 = nn.BatchNorm2d(256, track_running_stats=False)
+        self.bn3 = FastBatchNorm2d(256, track_running_stats=False)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(2)
         self.drop1 = FastDropout(0.2)  # nn.Dropout with a 4-5× faster CPU mask draw (engine.dropout)
@@ -66,13 +67,13 @@ class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out, track_running_stats=False)
+        self.bn1 = FastBatchNorm2d(c_out, track_running_stats=False)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out, track_running_stats=False)
+        self.bn2 = FastBatchNorm2d(c_out, track_running_stats=False)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out, track_running_stats=False))
+                                          FastBatchNorm2d(c_out, track_running_stats=False))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -92,7 +93,7 @@ class ReducedResNet18Trunk(nn.Module):
         if resolution % 16:
             raise ValueError(f"resnet18-reduced needs a resolution divisible by 16, got {resolution}")
         self.conv1 = nn.Conv2d(3, nf, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(nf, track_running_stats=False)
+        self.bn1 = FastBatchNorm2d(nf, track_running_stats=False)
         self.relu = nn.ReLU()
         widths, c_in = [nf, 2 * nf, 4 * nf, 8 * nf], nf
         for index, (width, stride) in enumerate(zip(widths, [1, 2, 2, 2]), start=1):
@@ -112,8 +113,9 @@ class ReducedResNet18Trunk(nn.Module):
 
 
 def _run_steps(root: nn.Module, stage_steps, x):
-    """Run each stage's steps in order. A module with ``fuse_next(next_module, x)`` (a packed ReLU before a packed
-    dropout) may run itself and the next step as one op; it returns ``None`` where it does not."""
+    """Run each stage's steps in order. A module with ``fuse_next(following, x)`` (a packed ReLU before a packed
+    dropout, and the max-pool after it) may run itself and the modules after it in its stage as one op: it returns
+    ``(output, how many of following it ran)``, or ``None`` where it does not."""
     for _, steps in stage_steps:
         i = 0
         while i < len(steps):
@@ -123,10 +125,16 @@ def _run_steps(root: nn.Module, stage_steps, x):
                 continue
             module = root.get_submodule(step)
             fuse = getattr(module, "fuse_next", None)
-            if fuse is not None and i + 1 < len(steps) and isinstance(steps[i + 1], str):
-                fused = fuse(root.get_submodule(steps[i + 1]), x)
+            if fuse is not None:
+                following = []
+                for nxt in steps[i + 1:i + 3]:
+                    if not isinstance(nxt, str):
+                        break
+                    following.append(root.get_submodule(nxt))
+                fused = fuse(following, x) if following else None
                 if fused is not None:
-                    x, i = fused, i + 2
+                    x, ran = fused
+                    i += 1 + ran
                     continue
             x, i = module(x), i + 1
     return x
