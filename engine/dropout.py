@@ -2,8 +2,7 @@
 
 ATen's CPU ``bernoulli_`` draws one MT19937 number per element: on a (64, 64, 29, 29) activation it took
 28.5 ms, a sixth of an alexnet-cl training step at batch 64 on one thread. :class:`FastDropout` draws the
-keep mask as ``u < round((1 − p)·2³²)`` from numpy's PCG64 ``uint32`` stream (10.1 ms there,
-``docs/bench/gf_routes.json``), seeded from
+keep mask from numpy's PCG64 stream, 16 bits per element (:func:`keep_mask`; 1.9 ms there), seeded from
 torch's global generator, so ``torch.manual_seed`` still fixes every mask and a run stays reproducible.
 The keep probability is ``p`` rounded to 2⁻³² (exact for every practical ``p``); the output is
 ``x · mask / (1 − p)`` as in ``F.dropout``. It saves the bool mask (1 byte per element, where ``nn.Dropout``
@@ -21,16 +20,26 @@ _SEED_HIGH = 2 ** 63 - 1
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """bool ``shape``: each element kept with probability ``1 − p`` (rounded to 2⁻³²), from a PCG64 stream
-    seeded by one draw of torch's global CPU generator."""
+    seeded by one draw of torch's global CPU generator.
+
+    With ``T = round((1 − p)·2³²) = T_hi·2¹⁶ + T_lo``: element i draws ``u_i``, the i-th uint16 of the stream's raw
+    64-bit outputs (four per output, low half first), and is kept when ``u_i < T_hi``; where ``u_i == T_hi``
+    (one element in 65,536) the next uint16 ``v`` of the stream, in element order, decides: kept when
+    ``v < T_lo``. So ``P(keep) = T / 2³²`` exactly, from 16 random bits per element instead of 32
+    (on (64, 64, 29, 29): 3.7 → 1.9 ms)."""
     seed = int(torch.randint(0, _SEED_HIGH, (1,)).item())
     n = 1
     for s in shape:
         n *= int(s)
     threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32 - 1)
-    # PCG64's raw 64-bit outputs read as uint32 pairs (low, high): exactly the stream of
-    # ``default_rng(seed).integers(0, 2**32, n, dtype=uint32)``, without its per-draw bounds path (2× faster)
-    draws = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy(draws < threshold).view(tuple(shape))
+    high, low = threshold >> 16, threshold & 0xFFFF
+    stream = np.random.PCG64(seed)
+    draws = stream.random_raw((n + 3) // 4).view(np.uint16)[:n]
+    keep = draws < high
+    ties = np.flatnonzero(draws == high)
+    if ties.size:
+        keep[ties] = stream.random_raw((ties.size + 3) // 4).view(np.uint16)[:ties.size] < low
+    return torch.from_numpy(keep).view(tuple(shape))
 
 
 class _MaskedDropout(torch.autograd.Function):

@@ -479,3 +479,37 @@ def test_linear_stores_input_when_core_and_factor_would_be_larger_and_restricts_
     with SavedBytesMeter(layer) as meter:
         layer(torch.randn(64, 16))
     assert meter.layer_activation_bytes == (64 * 6 + 16 * 6) * 4
+
+
+def test_evaluation_runs_in_channels_last_with_the_nchw_accuracy(monkeypatch):
+    """``ContinualLearner.evaluate`` feeds CPU image batches channels_last (faster convs and BatchNorm): the layout
+    really reaches the first conv, the logits equal NCHW's to float rounding, and the accuracy is NCHW's;
+    ``LANCE_CHANNELS_LAST=0`` keeps NCHW."""
+    from engine.continual.learner import eval_layout
+    from engine.models.cl_nets import build_multihead
+    from engine.packing import pack_region
+
+    monkeypatch.delenv("LANCE_CHANNELS_LAST", raising=False)
+    x = torch.randn(64, 3, 32, 32)
+    assert eval_layout(x).is_contiguous(memory_format=torch.channels_last) and not eval_layout(x).is_contiguous()
+    flat = torch.randn(8, 5)
+    assert eval_layout(flat) is flat
+    learner = ContinualLearner(build_multihead("alexnet-cl", [2, 2], 32, seed=0), ContinualConfig(method="gpm"))
+    pack_region(learner.model)
+    seen = []
+    handle = learner.model.features.conv1.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    y = torch.randint(0, 2, (64,))
+    learner.model.eval()
+    with torch.no_grad():
+        nchw = learner.model(x, 0)
+        assert torch.allclose(nchw, learner.model(eval_layout(x), 0), atol=1e-4)
+    seen.clear()
+    acc = learner.evaluate(0, [(x, y)])
+    assert seen == [True]
+    assert acc == pytest.approx(100.0 * float((nchw.argmax(1) == y).float().mean()))
+    monkeypatch.setenv("LANCE_CHANNELS_LAST", "0")
+    assert eval_layout(x) is x
+    seen.clear()
+    assert learner.evaluate(0, [(x, y)]) == acc and seen == [False]
+    handle.remove()

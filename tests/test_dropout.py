@@ -73,16 +73,47 @@ def test_alexnet_cl_uses_it():
     assert drops and all(type(m) is FastDropout for m in drops)
 
 
+def _documented_mask(seed: int, n: int, p: float):
+    """keep_mask's documented rule, element by element: u_i < T_hi, and on u_i == T_hi the next tie draw v < T_lo."""
+    import numpy as np
+
+    threshold = round((1 - p) * 2 ** 32)
+    high, low = threshold >> 16, threshold & 0xFFFF
+    stream = np.random.PCG64(seed)
+    u = stream.random_raw((n + 3) // 4).view(np.uint16)[:n]
+    ties = int((u == high).sum())
+    tie_draws = list(stream.random_raw((ties + 3) // 4).view(np.uint16)[:ties]) if ties else []
+    want, k = [], 0
+    for value in u.tolist():
+        if value == high:
+            want.append(tie_draws[k] < low)
+            k += 1
+        else:
+            want.append(value < high)
+    return torch.tensor(want), ties
+
+
 @pytest.mark.parametrize("shape", [(7,), (64, 101), (3, 5, 9, 11)])
 def test_mask_is_the_documented_stream(shape):
-    """keep = u < round((1 − p)·2³²), u the first N uint32 draws of ``default_rng(seed).integers`` (odd N too)."""
+    """keep_i = u_i < T_hi (u: the stream's uint16s, T = round((1 − p)·2³²)), ties settled by further draws."""
     import numpy as np
 
     torch.manual_seed(11)
     seed = int(torch.randint(0, 2 ** 63 - 1, (1,)).item())
     n = int(np.prod(shape))
-    want = np.random.default_rng(seed).integers(0, 2 ** 32, n, dtype=np.uint32) < round(0.7 * 2 ** 32)
+    want, _ = _documented_mask(seed, n, 0.3)
     torch.manual_seed(11)
     got = keep_mask(shape, 0.3)
     assert got.shape == shape
-    assert torch.equal(got.reshape(-1), torch.from_numpy(want))
+    assert torch.equal(got.reshape(-1), want)
+
+
+def test_ties_on_the_high_half_are_settled_by_the_low_half():
+    """Over 300,000 draws some land on T_hi exactly (one in 65,536): each of them is decided by a further draw
+    against T_lo, so the keep probability is T / 2³², not T_hi / 2¹⁶."""
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2 ** 63 - 1, (1,)).item())
+    want, ties = _documented_mask(seed, 300_000, 0.2)
+    assert ties >= 1
+    torch.manual_seed(5)
+    assert torch.equal(keep_mask((300_000,), 0.2), want)

@@ -24,6 +24,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from engine.data.feature_cache import use_channels_last
 from engine.layers import CompressedLayer
 from engine.methods.protected import ProtectedLANCE, feature_rows, project_patches
 from engine.spectra import GramAccumulator
@@ -140,8 +141,9 @@ def eval_layout(x: torch.Tensor) -> torch.Tensor:
     BatchNorm, ReLU and max-pool run on NHWC without layout reorders, 132.8 → 96.1 ms for an alexnet-cl test
     batch of 256 on one thread, 409 → 299 ms for resnet18-reduced (``python3 docs/bench/eval_layout.py``). The
     logits equal the NCHW ones to float rounding (summation order). Training keeps NCHW: the packed ops and
-    the compressed layers' products are built for it (channels_last steps measured 25-40 % slower)."""
-    if x.device.type == "cpu" and x.dim() == 4 and x.shape[1] > 1:
+    the compressed layers' products are built for it (channels_last steps measured 25-40 % slower).
+    ``LANCE_CHANNELS_LAST=0`` keeps NCHW (:func:`engine.data.feature_cache.use_channels_last`)."""
+    if x.dim() == 4 and x.shape[1] > 1 and use_channels_last(x.device):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
