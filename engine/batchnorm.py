@@ -7,7 +7,7 @@ ATen's CPU kernel for a contiguous NCHW batch with batch statistics took 6-7 ms 
 
 per channel (n = B·H·W) with one reduction, one subtraction into the output, one dot product and two in-place
 per-channel updates of the output (3.0 ms there; (64, 128, 12, 12): 2.1 → 0.9 ms;
-``python3 docs/bench/batchnorm_routes.py``). The backward is ATen's own ``native_batch_norm_backward`` with these
+``python3 docs/bench/conv_stage_ops.py``). The backward is ATen's own ``native_batch_norm_backward`` with these
 mean and invstd, what autograd runs after ATen's forward. The numbers equal ATen's to float rounding (its sums
 accumulate in double, these in float's pairwise sums: outputs within ~1e-6, gradients ~3e-7 relative), not bit
 for bit, which is why the continual nets opt in with :class:`FastBatchNorm2d` and nothing else changes.

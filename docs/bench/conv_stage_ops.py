@@ -1,0 +1,136 @@
+"""alexnet-cl's conv-stage ops in isolation (batch 64, 1 thread): each new route against the one it replaced.
+
+    python3 docs/bench/conv_stage_ops.py [--repeats 15] [--json docs/bench/conv_stage_ops.json]
+
+- ``batchnorm``: ``nn.BatchNorm2d`` (ATen's kernel) against :class:`engine.batchnorm.FastBatchNorm2d`, batch
+  statistics, forward and forward + backward, with the largest output / input-gradient difference.
+- ``relu_dropout_pool``: the packed ReLU → dropout op then the packed max-pool against the one
+  ReLU → dropout → pool op (``engine.packing._PackedReluDropoutPool``), forward + backward, and the bytes each
+  saves for backward.
+- ``keep_mask``: the keep mask from 32 random bits per element (the rule before, re-implemented here) against
+  :func:`engine.dropout.keep_mask` (16 bits, ties settled by further draws).
+
+Medians of interleaved repeats, ms. In a whole training step these memory-bound ops cost 2-3× their isolated
+times (``docs/bench/alexnet_cl_step.py`` measures the steps).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.batchnorm import FastBatchNorm2d
+from engine.bench.output import emit_json
+from engine.dropout import _SEED_HIGH, keep_mask
+from engine.malloc import tune_malloc
+from engine.memory import SavedBytesMeter
+from engine.packing import PackedFastDropout, PackedMaxPool2d, PackedReLU
+
+SHAPES = [(64, 64, 29, 29), (64, 128, 12, 12), (64, 256, 5, 5)]
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    for fn in fns.values():
+        fn(), fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+
+
+def batchnorm_rows(repeats: int) -> list[dict]:
+    rows = []
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        aten, fast = nn.BatchNorm2d(shape[1], track_running_stats=False), FastBatchNorm2d(shape[1],
+                                                                                       track_running_stats=False)
+        x = torch.randn(shape) * 2 + 0.5
+        grad = torch.randn(shape)
+
+        def fwd(m):
+            return lambda: m(x)
+
+        def fwd_bwd(m):
+            def run():
+                inp = x.detach().requires_grad_()
+                m(inp).backward(grad)
+                return inp.grad
+            return run
+
+        out = timed({"aten_fwd": fwd(aten), "fast_fwd": fwd(fast), "aten_fwd_bwd": fwd_bwd(aten),
+                     "fast_fwd_bwd": fwd_bwd(fast)}, repeats)
+        out.update(shape=list(shape), max_output_diff=float((aten(x) - fast(x)).abs().max()),
+                   max_input_grad_diff=float((fwd_bwd(aten)() - fwd_bwd(fast)()).abs().max()))
+        rows.append(out)
+    return rows
+
+
+def relu_dropout_pool_rows(repeats: int) -> list[dict]:
+    rows = []
+    relu, drop, pool = PackedReLU(), PackedFastDropout(0.2), PackedMaxPool2d(2)
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+
+        def separate():
+            inp = x.detach().requires_grad_()
+            with SavedBytesMeter() as meter:
+                y, _ = relu.fuse_next([drop], inp)
+                out = pool(y)
+            out.sum().backward()
+            return meter.region_activation_bytes
+
+        def fused():
+            inp = x.detach().requires_grad_()
+            with SavedBytesMeter() as meter:
+                out, _ = relu.fuse_next([drop, pool], inp)
+            out.sum().backward()
+            return meter.region_activation_bytes
+
+        out = timed({"pair_then_pool_fwd_bwd": separate, "one_op_fwd_bwd": fused}, repeats)
+        out.update(shape=list(shape), pair_then_pool_saved_bytes=int(separate()), one_op_saved_bytes=int(fused()))
+        rows.append(out)
+    return rows
+
+
+def keep_mask_32bit(shape, p: float) -> torch.Tensor:
+    """The rule before: u < round((1 − p)·2³²), u the stream's uint32s (one per element)."""
+    seed = int(torch.randint(0, _SEED_HIGH, (1,)).item())
+    n = int(np.prod(shape))
+    threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32 - 1)
+    draws = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy(draws < threshold).view(tuple(shape))
+
+
+def keep_mask_rows(repeats: int) -> list[dict]:
+    rows = []
+    for shape in SHAPES[:2]:
+        out = timed({"uint32_draws": lambda: keep_mask_32bit(shape, 0.2),
+                     "uint16_draws": lambda: keep_mask(shape, 0.2)}, repeats)
+        torch.manual_seed(0)
+        out.update(shape=list(shape), kept_share_p0_2=round(float(keep_mask((4_000_000,), 0.2).float().mean()), 5))
+        rows.append(out)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tune_malloc()
+    emit_json({"threads": 1, "repeats": args.repeats, "batchnorm": batchnorm_rows(args.repeats),
+               "relu_dropout_pool": relu_dropout_pool_rows(args.repeats),
+               "keep_mask": keep_mask_rows(args.repeats)}, args.json)
+
+
+if __name__ == "__main__":
+    main()
