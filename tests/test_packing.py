@@ -416,8 +416,8 @@ def test_packed_relu_dropout_and_pool_run_as_one_op_with_the_same_numbers_and_fe
     monkeypatch.setattr(_PackedReluDropoutPool, "apply", lambda *a: triples.append(a[0].shape) or real_triple(*a))
     loss0, grads0, _ = _alexnet_step(plain, x, y, seed=3)
     loss1, grads1, fused_meter = _alexnet_step(packed, x, y, seed=3)
-    assert [tuple(s[1:]) for s in triples] == [(64, 29, 29), (128, 12, 12), (256, 5, 5)]  # conv1-3 and pools
-    assert len(pairs) == 2  # fc1, fc2: no pool after the dropout
+    assert [tuple(s[1:]) for s in triples] == [(64, 29, 29), (128, 12, 12)]  # conv1, conv2 and their pools
+    assert [tuple(s[1:]) for s in pairs] == [(256, 5, 5), (2048,), (2048,)]  # conv3's 5×5 map: pair, then pool
     assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
     assert all(torch.equal(grads0[n], grads1[n]) for n in grads0)
     monkeypatch.setattr(PackedReLU, "fuse_next", lambda self, following, x: None)
@@ -432,7 +432,7 @@ def test_packed_relu_dropout_and_pool_run_as_one_op_with_the_same_numbers_and_fe
     assert separate_meter.region_activation_bytes - fused_meter.region_activation_bytes == saved
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 9, 7), (2, 5, 16, 16), (2, 3, 2, 3)])
+@pytest.mark.parametrize("shape", [(3, 4, 9, 7), (2, 5, 16, 16), (2, 3, 2, 3), (2, 3, 7, 6)])
 def test_relu_dropout_pool_op_matches_the_three_ops_with_nans_and_odd_maps(shape):
     """The three-op kernel against ReLU → FastDropout → MaxPool2d(2) in plain autograd: the same output and
     input gradient bit for bit on odd map sizes (the cropped last row / column gets zero gradient), with ties
@@ -484,3 +484,5 @@ def test_fuse_next_declines_where_the_ops_take_other_paths():
                   PackedMaxPool2d(2, ceil_mode=True), PackedMaxPool2d(2, return_indices=True), nn.MaxPool2d(2)):
         assert relu.fuse_next([drop, other], maps)[1] == 1  # the pair; the pool is left to run alone
     assert relu.fuse_next([drop, pool], torch.randn(2, 3, 1, 8, requires_grad=True))[1] == 1
+    assert relu.fuse_next([drop, pool], torch.randn(2, 3, 5, 5, requires_grad=True))[1] == 1  # below 36 positions
+    assert relu.fuse_next([drop, pool], torch.randn(2, 3, 6, 6, requires_grad=True))[1] == 2

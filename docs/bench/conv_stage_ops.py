@@ -30,7 +30,7 @@ from engine.malloc import tune_malloc
 from engine.memory import SavedBytesMeter
 from engine.packing import PackedFastDropout, PackedMaxPool2d, PackedReLU
 
-SHAPES = [(64, 64, 29, 29), (64, 128, 12, 12), (64, 256, 5, 5)]
+SHAPES = [(64, 64, 29, 29), (64, 128, 12, 12), (64, 256, 6, 6), (64, 256, 5, 5)]  # alexnet-cl's conv1-3 (+ 6×6)
 
 
 def timed(fns: dict, repeats: int) -> dict:
@@ -54,10 +54,10 @@ def batchnorm_rows(repeats: int) -> list[dict]:
         x = torch.randn(shape) * 2 + 0.5
         grad = torch.randn(shape)
 
-        def fwd(m):
+        def fwd(m, x=x):
             return lambda: m(x)
 
-        def fwd_bwd(m):
+        def fwd_bwd(m, x=x, grad=grad):
             def run():
                 inp = x.detach().requires_grad_()
                 m(inp).backward(grad)
@@ -66,7 +66,7 @@ def batchnorm_rows(repeats: int) -> list[dict]:
 
         out = timed({"aten_fwd": fwd(aten), "fast_fwd": fwd(fast), "aten_fwd_bwd": fwd_bwd(aten),
                      "fast_fwd_bwd": fwd_bwd(fast)}, repeats)
-        out.update(shape=list(shape), max_output_diff=float((aten(x) - fast(x)).abs().max()),
+        out.update(shape=list(shape), max_output_diff=float((aten(x) - fast(x)).detach().abs().max()),
                    max_input_grad_diff=float((fwd_bwd(aten)() - fwd_bwd(fast)()).abs().max()))
         rows.append(out)
     return rows
@@ -79,7 +79,7 @@ def relu_dropout_pool_rows(repeats: int) -> list[dict]:
         torch.manual_seed(0)
         x = torch.randn(shape)
 
-        def separate():
+        def separate(x=x):
             inp = x.detach().requires_grad_()
             with SavedBytesMeter() as meter:
                 y, _ = relu.fuse_next([drop], inp)
@@ -87,7 +87,7 @@ def relu_dropout_pool_rows(repeats: int) -> list[dict]:
             out.sum().backward()
             return meter.region_activation_bytes
 
-        def fused():
+        def fused(x=x):
             inp = x.detach().requires_grad_()
             with SavedBytesMeter() as meter:
                 out, _ = relu.fuse_next([drop, pool], inp)
@@ -112,8 +112,8 @@ def keep_mask_32bit(shape, p: float) -> torch.Tensor:
 def keep_mask_rows(repeats: int) -> list[dict]:
     rows = []
     for shape in SHAPES[:2]:
-        out = timed({"uint32_draws": lambda: keep_mask_32bit(shape, 0.2),
-                     "uint16_draws": lambda: keep_mask(shape, 0.2)}, repeats)
+        out = timed({"uint32_draws": lambda shape=shape: keep_mask_32bit(shape, 0.2),
+                     "uint16_draws": lambda shape=shape: keep_mask(shape, 0.2)}, repeats)
         torch.manual_seed(0)
         out.update(shape=list(shape), kept_share_p0_2=round(float(keep_mask((4_000_000,), 0.2).float().mean()), 5))
         rows.append(out)
