@@ -1,16 +1,17 @@
 """BatchNorm with batch statistics (``track_running_stats=False``, GPM's nets) computed in fewer passes on CPU.
 
 ATen's CPU kernel for a contiguous NCHW batch with batch statistics took 6-7 ms on alexnet-cl's conv1 output
-(64, 64, 29, 29) on one thread, 9 passes' worth of memory traffic. :func:`batch_stats_norm` computes
+(64, 64, 29, 29) on one thread, about 9 passes' worth of memory traffic. :func:`batch_stats_forward` computes
 
     mean = Σx / n,   var = Σ(x − mean)² / n (two-pass, as ATen),   y = (x − mean) · (invstd · w) + b
 
 per channel (n = B·H·W) with one reduction, one subtraction into the output, one dot product and two in-place
-per-channel updates of the output (3.0 ms there; (64, 128, 12, 12): 2.1 → 0.9 ms;
-``python3 docs/bench/conv_stage_ops.py``). The backward is ATen's own ``native_batch_norm_backward`` with these
-mean and invstd, what autograd runs after ATen's forward. The numbers equal ATen's to float rounding (its sums
-accumulate in double, these in float's pairwise sums: outputs within ~1e-6, gradients ~3e-7 relative), not bit
-for bit, which is why the continual nets opt in with :class:`FastBatchNorm2d` and nothing else changes.
+per-channel updates of the output: forward 6.9 → 5.7 ms there, forward + backward 12.3 → 10.7; (64, 128, 12, 12)
+2.2 → 1.5 ms (``python3 docs/bench/conv_stage_ops.py``, ``docs/bench/conv_stage_ops.json``). The backward is
+ATen's own ``native_batch_norm_backward`` with these mean and invstd, what autograd runs after ATen's forward.
+The numbers equal ATen's to float rounding (its sums accumulate in double, these in float's pairwise sums:
+outputs within ~1e-6, gradients ~3e-7 relative), not bit for bit, which is why the continual nets opt in with
+:class:`FastBatchNorm2d` and nothing else changes.
 
 The route applies on CPU to float32/float64 inputs of 3 or more dims that are contiguous (NCHW) when the module
 has no running statistics; everything else (channels_last, CUDA, running statistics, 2-D inputs, where ATen

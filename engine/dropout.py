@@ -2,7 +2,7 @@
 
 ATen's CPU ``bernoulli_`` draws one MT19937 number per element: on a (64, 64, 29, 29) activation it took
 28.5 ms, a sixth of an alexnet-cl training step at batch 64 on one thread. :class:`FastDropout` draws the
-keep mask from numpy's PCG64 stream, 16 bits per element (:func:`keep_mask`; 1.9 ms there), seeded from
+keep mask from numpy's PCG64 stream, 16 bits per element (:func:`keep_mask`; 2.4 ms there), seeded from
 torch's global generator, so ``torch.manual_seed`` still fixes every mask and a run stays reproducible.
 The keep probability is ``p`` rounded to 2⁻³² (exact for every practical ``p``); the output is
 ``x · mask / (1 − p)`` as in ``F.dropout``. It saves the bool mask (1 byte per element, where ``nn.Dropout``
@@ -26,7 +26,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     64-bit outputs (four per output, low half first), and is kept when ``u_i < T_hi``; where ``u_i == T_hi``
     (one element in 65,536) the next uint16 ``v`` of the stream, in element order, decides: kept when
     ``v < T_lo``. So ``P(keep) = T / 2³²`` exactly, from 16 random bits per element instead of 32
-    (on (64, 64, 29, 29): 3.7 → 1.9 ms)."""
+    (on (64, 64, 29, 29): 3.7 → 2.4 ms, ``docs/bench/conv_stage_ops.json``)."""
     seed = int(torch.randint(0, _SEED_HIGH, (1,)).item())
     n = 1
     for s in shape:

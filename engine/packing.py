@@ -461,8 +461,8 @@ def _pool_params(pool: nn.MaxPool2d) -> tuple:
 
 
 #: :class:`_PackedReluDropoutPool` takes maps of at least this many positions: forward + backward at batch 64,
-#: (64, 256, 6, 6) 3.9 → 3.5 ms, (64, 128, 12, 12) 8.1 → 7.0; smaller maps are faster as the pair then the pool
-#: ((64, 256, 5, 5) 2.9 against 3.5 ms; ``python3 docs/bench/conv_stage_ops.py``)
+#: (64, 256, 6, 6) 4.2 → 3.6 ms, (64, 128, 12, 12) 8.0 → 6.6, (64, 64, 29, 29) 17.9 → 16.4; smaller maps are faster
+#: as the pair then the pool ((64, 256, 5, 5) 3.3 against 3.6 ms; ``docs/bench/conv_stage_ops.json``)
 RELU_DROPOUT_POOL_MIN_POSITIONS = 36
 
 

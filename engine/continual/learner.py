@@ -138,8 +138,8 @@ def prepare_model(model: nn.Module) -> dict[str, CompressedLayer]:
 
 def eval_layout(x: torch.Tensor) -> torch.Tensor:
     """A CPU image batch ``(B, C, H, W)`` in channels_last for evaluation: oneDNN's convolutions and ATen's
-    BatchNorm, ReLU and max-pool run on NHWC without layout reorders, 132.8 → 96.1 ms for an alexnet-cl test
-    batch of 256 on one thread, 409 → 299 ms for resnet18-reduced (``python3 docs/bench/eval_layout.py``). The
+    BatchNorm, ReLU and max-pool run on NHWC without layout reorders, 124.7 → 89.9 ms for an alexnet-cl test
+    batch of 256 on one thread, 379 → 262 ms for resnet18-reduced (``docs/bench/eval_layout.json``). The
     logits equal the NCHW ones to float rounding (summation order). Training keeps NCHW: the packed ops and
     the compressed layers' products are built for it (channels_last steps measured 25-40 % slower).
     ``LANCE_CHANNELS_LAST=0`` keeps NCHW (:func:`engine.data.feature_cache.use_channels_last`)."""
