@@ -14,6 +14,8 @@ Around the compressed layers, autograd keeps whole activations for ops whose bac
 | FastDropout (CPU, `engine.dropout`) | the bool mask, 1 byte | 1 bit per element |
 | MaxPool2d | its input (float) + int64 indices | the argmax' offset inside its window, in the narrowest integer type (uint8 up to 256 window positions) |
 | AvgPool2d / AdaptiveAvgPool2d | its input, float (for its shape) | nothing (the shape) |
+| ReLU → FastDropout (`PackedReLU.fuse_next`) | ReLU's bit + dropout's bit per element | one combined bit per element |
+| ReLU → FastDropout → 2×2 MaxPool (maps ≥ 36 positions) | two bits per input element + offsets | one bit per pooled output (the combined mask at the argmax) + uint8 offsets |
 
 Bits are packed 8 to a ``torch.uint8`` (little-endian within the byte). Hard-swish has no exact compact
 form (its slope ``(2x + 3)/6`` on (-3, 3) needs ``x``, and ``x`` cannot be recovered exactly from the
