@@ -12,7 +12,6 @@ interleaved method by method; medians.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from engine.batchnorm import FastBatchNorm2d
-from engine.bench.output import emit_json
+from engine.bench.output import bench_parser, emit_json
 from engine.continual.learner import ContinualConfig, ContinualLearner
 from engine.malloc import tune_malloc
 from engine.methods.protected import ProtectedLANCE
@@ -75,10 +74,8 @@ def build(kind: str, x: torch.Tensor, y: torch.Tensor):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, 7)
     parser.add_argument("--kinds", default="native,finetune,finetune-nopack,lance,gpm")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, help="print a torch.profiler table for this kind")
     parser.add_argument("--channels-last", action="store_true", help="feed the batch channels_last")
     args = parser.parse_args()

@@ -8,16 +8,15 @@ Reads each run's ``epoch_ms`` rows (logged by ``engine.continual.session`` at ev
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
-from engine.bench.output import emit_json
+from engine.bench.output import bench_parser, emit_json
 from engine.store import RunStore
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("result")
     parser.add_argument("--command", default="OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 lance continual --benchmark "
                         "split-cifar10 --dataset imagefolder:../shared/datasets/cifar10-jpeg --method "
@@ -28,7 +27,6 @@ def main() -> None:
     parser.add_argument("--load-before", default="")
     parser.add_argument("--load-after", default="")
     parser.add_argument("--note", default="")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     with open(args.result) as f:
         result = json.load(f)

@@ -15,34 +15,19 @@ times (``docs/bench/alexnet_cl_step.py`` measures the steps).
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import numpy as np
 import torch
 from torch import nn
 
 from engine.batchnorm import FastBatchNorm2d
-from engine.bench.output import emit_json
+from engine.bench.output import bench_parser, emit_json
+from engine.bench.timing import interleaved_ms
 from engine.dropout import _SEED_HIGH, keep_mask
 from engine.malloc import tune_malloc
 from engine.memory import SavedBytesMeter
 from engine.packing import PackedFastDropout, PackedMaxPool2d, PackedReLU, _PackedReluDropoutPool
 
 SHAPES = [(64, 64, 29, 29), (64, 128, 12, 12), (64, 256, 6, 6), (64, 256, 5, 5)]  # alexnet-cl's conv1-3 (+ 6×6)
-
-
-def timed(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn(), fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
 
 
 def batchnorm_rows(repeats: int) -> list[dict]:
@@ -64,8 +49,8 @@ def batchnorm_rows(repeats: int) -> list[dict]:
                 return inp.grad
             return run
 
-        out = timed({"aten_fwd": fwd(aten), "fast_fwd": fwd(fast), "aten_fwd_bwd": fwd_bwd(aten),
-                     "fast_fwd_bwd": fwd_bwd(fast)}, repeats)
+        out = interleaved_ms({"aten_fwd": fwd(aten), "fast_fwd": fwd(fast), "aten_fwd_bwd": fwd_bwd(aten),
+                              "fast_fwd_bwd": fwd_bwd(fast)}, repeats, warmup=2)
         out.update(shape=list(shape), max_output_diff=float((aten(x) - fast(x)).detach().abs().max()),
                    max_input_grad_diff=float((fwd_bwd(aten)() - fwd_bwd(fast)()).abs().max()))
         rows.append(out)
@@ -94,7 +79,7 @@ def relu_dropout_pool_rows(repeats: int) -> list[dict]:
             out.sum().backward()
             return meter.region_activation_bytes
 
-        out = timed({"pair_then_pool_fwd_bwd": separate, "one_op_fwd_bwd": fused}, repeats)
+        out = interleaved_ms({"pair_then_pool_fwd_bwd": separate, "one_op_fwd_bwd": fused}, repeats, warmup=2)
         out.update(shape=list(shape), pair_then_pool_saved_bytes=int(separate()), one_op_saved_bytes=int(fused()))
         rows.append(out)
     return rows
@@ -112,8 +97,8 @@ def keep_mask_32bit(shape, p: float) -> torch.Tensor:
 def keep_mask_rows(repeats: int) -> list[dict]:
     rows = []
     for shape in SHAPES[:2]:
-        out = timed({"uint32_draws": lambda shape=shape: keep_mask_32bit(shape, 0.2),
-                     "uint16_draws": lambda shape=shape: keep_mask(shape, 0.2)}, repeats)
+        out = interleaved_ms({"uint32_draws": lambda shape=shape: keep_mask_32bit(shape, 0.2),
+                              "uint16_draws": lambda shape=shape: keep_mask(shape, 0.2)}, repeats, warmup=2)
         torch.manual_seed(0)
         out.update(shape=list(shape), kept_share_p0_2=round(float(keep_mask((4_000_000,), 0.2).float().mean()), 5))
         rows.append(out)
@@ -121,9 +106,7 @@ def keep_mask_rows(repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json", default=None)
+    parser = bench_parser(__doc__, 15)
     args = parser.parse_args()
     torch.set_num_threads(1)
     tune_malloc()

@@ -8,13 +8,10 @@ layouts' logits (float rounding: different summation orders).
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
 
-from engine.bench.output import emit_json
+from engine.bench.output import bench_parser, emit_json
+from engine.bench.timing import interleaved_ms
 from engine.continual.learner import ContinualConfig, ContinualLearner, eval_layout
 from engine.malloc import tune_malloc
 from engine.models.cl_nets import build_multihead
@@ -22,11 +19,9 @@ from engine.packing import pack_region
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, 9)
     parser.add_argument("--nets", default="alexnet-cl,resnet18-reduced")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     tune_malloc()
@@ -38,15 +33,11 @@ def main() -> None:
         pack_region(learner.model)
         model = learner.model.eval()
         inputs = {"nchw": x, "channels_last": eval_layout(x)}
-        times = {k: [] for k in inputs}
         with torch.no_grad():
             diff = float((model(inputs["nchw"], 0) - model(inputs["channels_last"], 0)).abs().max())
-            for _ in range(args.repeats):
-                for kind, inp in inputs.items():
-                    start = time.perf_counter()
-                    model(inp, 0)
-                    times[kind].append(time.perf_counter() - start)
-        ms = {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()}
+            calls = {k: (lambda inp=inp, model=model: model(inp, 0)) for k, inp in inputs.items()}
+            ms = interleaved_ms(calls, args.repeats)
+        ms = {k: round(v, 1) for k, v in ms.items()}
         out["nets"][net] = {"forward_ms": ms, "ratio": round(ms["channels_last"] / ms["nchw"], 3),
                             "max_logit_diff": diff}
     emit_json(out, args.json)

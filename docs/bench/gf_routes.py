@@ -12,14 +12,13 @@ Every pair is interleaved repeat by repeat; each first checks that both routes g
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.bench.output import emit_json
+from engine.bench.output import bench_parser, emit_json
 from engine.bench.timing import pair_ms
 from engine.dropout import keep_mask
 from engine.geometry import conv_geometry
@@ -125,9 +124,7 @@ def packing_kernels(repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--json", default=None)
+    parser = bench_parser(__doc__, 9)
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = {"threads": 1, "repeats": args.repeats, "input_grad": input_grad_routes(args.repeats),

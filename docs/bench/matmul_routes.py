@@ -8,12 +8,10 @@
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from engine import matmul
-from engine.bench.output import emit_json
+from engine.bench.output import bench_parser, emit_json
 from engine.bench.timing import pair_ms
 
 SHAPES = [(1, 2048, 2048), (8, 512, 512), (8, 2048, 2048), (16, 960, 160), (32, 256, 256), (64, 64, 64),
@@ -21,9 +19,7 @@ SHAPES = [(1, 2048, 2048), (8, 512, 512), (8, 2048, 2048), (16, 960, 160), (32, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json", default=None)
+    parser = bench_parser(__doc__, 15)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -13,12 +13,10 @@ Each row also gives the largest difference between the two results (or subspaces
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from engine import tensor_ops as T
-from engine.bench.output import emit_json
+from engine.bench.output import bench_parser, emit_json
 from engine.bench.timing import pair_ms
 from engine.malloc import tune_malloc
 from engine.matmul import mm
@@ -52,9 +50,7 @@ def _pair_rows(x: torch.Tensor, u_h: torch.Tensor, u_w: torch.Tensor, repeats: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json", default=None)
+    parser = bench_parser(__doc__, 15)
     args = parser.parse_args()
     tune_malloc()
     torch.set_num_threads(1)

@@ -6,15 +6,22 @@ import time
 from typing import Callable
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall ms of each callable over ``repeats`` interleaved rounds (one call of each, in order, per
+    round) after ``warmup`` untimed rounds, rounded to 1 µs; keys as in ``fns``."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+
+
 def pair_ms(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Median wall ms of ``a`` and ``b`` over ``repeats`` interleaved runs (a, b, a, b, …), rounded to 1 µs."""
-    a(), b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a()
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        b()
-        tb.append(time.perf_counter() - t)
-    return round(statistics.median(ta) * 1e3, 3), round(statistics.median(tb) * 1e3, 3)
+    ms = interleaved_ms({"a": a, "b": b}, repeats)
+    return ms["a"], ms["b"]
