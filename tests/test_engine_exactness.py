@@ -20,6 +20,10 @@ CONV_CONFIGS = {
     "depthwise": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
     "depthwise_multiplier": dict(in_channels=6, out_channels=12, kernel_size=3, padding=1, groups=6),
     "grouped": dict(in_channels=6, out_channels=9, kernel_size=3, padding=1, groups=3),
+    # kernels of 10+ taps: the depthwise weight gradient runs in channels_last (engine.geometry)
+    "depthwise_7x7": dict(in_channels=6, out_channels=6, kernel_size=7, padding=3, groups=6),
+    "depthwise_5x7_stride2_multiplier": dict(in_channels=6, out_channels=12, kernel_size=(5, 7), stride=2,
+                                             padding=(2, 1), groups=6),
     "no_bias_stride3": dict(in_channels=6, out_channels=10, kernel_size=3, stride=3, bias=False),
     "pointwise": dict(in_channels=6, out_channels=10, kernel_size=1),
 }
@@ -206,3 +210,73 @@ def test_gradient_filter_patch_constant_fields():
     model(x2).backward(g2)
     reference(x2).backward(g2)
     assert not torch.allclose(model[0].weight.grad, reference.weight.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_large_depthwise_weight_grads_take_channels_last_and_equal_nchw():
+    """The route: depthwise CPU float32 kernels of ≥ 10 taps go channels_last; the gradient equals ATen's NCHW
+    one to float rounding and comes back contiguous; 3×3, grouped (2+ channels per group) and float64 stay NCHW."""
+    from engine.geometry import conv_geometry, depthwise_grad_in_channels_last
+
+    x32 = torch.empty(2, 8, 9, 9)
+    assert depthwise_grad_in_channels_last(x32, (8, 1, 7, 7), 8)
+    assert depthwise_grad_in_channels_last(x32, (16, 1, 5, 2), 8)  # 10 taps, channel multiplier 2
+    assert not depthwise_grad_in_channels_last(x32, (8, 1, 3, 3), 8)
+    assert not depthwise_grad_in_channels_last(x32, (8, 2, 7, 7), 4)
+    assert not depthwise_grad_in_channels_last(x32.double(), (8, 1, 7, 7), 8)
+    assert not depthwise_grad_in_channels_last(x32, (8, 8, 7, 7), 1)
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=False)
+    geometry = conv_geometry(conv)
+    x, g = torch.randn(4, 8, 9, 9), torch.randn(4, 8, 9, 9)
+    grad = geometry.weight_grad(x, g, conv.weight.shape, 8, padded=False)
+    reference = torch.ops.aten.convolution_backward(
+        g, x, conv.weight.detach(), None, [1, 1], [3, 3], [1, 1], False, [0, 0], 8, [False, True, False])[1]
+    assert grad.is_contiguous() and grad.shape == conv.weight.shape
+    assert float((grad - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+LARGE_DEPTHWISE = {
+    "depthwise_7x7": CONV_CONFIGS["depthwise_7x7"],
+    "depthwise_5x7_stride2_multiplier": CONV_CONFIGS["depthwise_5x7_stride2_multiplier"],
+    "depthwise_same_4x5_dilated": dict(in_channels=6, out_channels=6, kernel_size=(4, 5), padding="same",
+                                       dilation=(1, 2), groups=6),  # asymmetric padding (4 rows)
+}
+#: spatial ranks per route: (3, 4) → r_H·r_W = 12, fewer than the kernel's taps (the taps route); (8, 9) → 72, more
+#: (the kernel pads, in channels_last, where the padding is symmetric)
+ROUTE_RANKS = {"taps": (3, 4, 3, 4), "kernel_pads": (3, 4, 8, 9), "factor_space": (3, 4, 8, 9)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("route", list(ROUTE_RANKS))
+@pytest.mark.parametrize("config", list(LARGE_DEPTHWISE))
+def test_large_depthwise_compressed_weight_grad_equals_reconstructed_input(config, route, dtype, monkeypatch):
+    """Truncated factors: each route of a large depthwise kernel's compressed dW (the taps route in factor space;
+    the expansion to the unpadded map padded by the kernel in channels_last; the factor-space padding) equals
+    the dW of the reconstructed input ``x̂``."""
+    import engine.geometry as geometry
+
+    if route == "factor_space":
+        monkeypatch.setattr(Fn, "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 10**9)
+        monkeypatch.setattr(geometry, "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 10**9)
+    torch.manual_seed(5)
+    layer = nn.Conv2d(**LARGE_DEPTHWISE[config]).to(dtype)
+    ranks = ROUTE_RANKS[route]
+    factors = [torch.linalg.qr(torch.randn(d, r, dtype=dtype)).Q for d, r in zip(INPUT, ranks)]
+    core = torch.randn(ranks, dtype=dtype)
+    assert Fn.taps_route(core.shape, factors, conv_geometry_of(layer), layer.weight.shape) == (route == "taps")
+    x_hat = core
+    for mode, factor in enumerate(factors):
+        x_hat = T.mode_expand(x_hat, factor, mode)
+    out = layer(x_hat)
+    grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    dw = Fn.tucker_weight_grad(layer, core, factors, grad_output)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < tolerance
+
+
+def conv_geometry_of(layer: nn.Conv2d):
+    from engine.geometry import conv_geometry
+
+    return conv_geometry(layer)
