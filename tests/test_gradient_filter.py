@@ -197,3 +197,32 @@ def test_flop_model_counts_the_input_gradient_route_taken(kernel, groups, size, 
                 "broadcast": exact}[route]
     assert flops["input_grad"] == expected
     assert flops["forward"] == exact
+
+
+@pytest.mark.parametrize("input_needs_grad", [True, False], ids=["input_grad_too", "weight_grad_only"])
+def test_one_backward_pools_the_output_gradient_once(monkeypatch, input_needs_grad):
+    """dX (first) leaves G's patch sums for dW of the same backward: one pass over G; dW alone computes them.
+    The gradients equal a backward whose dW pools G itself."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    x = torch.randn(4, 6, 7, 7)
+    grads = {}
+    for share in (True, False):
+        model = nn.Sequential(copy.deepcopy(conv))
+        engine.compress_model(model, "gradient_filter", layers=["0"])
+        inp = x.clone().requires_grad_(input_needs_grad)
+        out = model(inp)
+        calls = []
+        real = simple.patch_sums
+        monkeypatch.setattr(simple, "patch_sums", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+        if not share:
+            monkeypatch.setattr(simple.GradientFilter, "_grad_sums", lambda self, g, meta: real(
+                g, (self.patch, self.patch), self._grid(*g.shape[2:]))[0])
+        out.backward(torch.ones_like(out) * torch.arange(out.numel()).reshape(out.shape).sin())
+        monkeypatch.undo()
+        if share:
+            assert len(calls) == 1, calls
+        grads[share] = (model[0].weight.grad, inp.grad)
+    assert torch.equal(grads[True][0], grads[False][0])
+    if input_needs_grad:
+        assert torch.equal(grads[True][1], grads[False][1])

@@ -70,17 +70,29 @@ class GradientFilter(Method):
         pooled = self.pool_activation(layer, x).contiguous()
         return Stash([pooled], {"ranks": list(pooled.shape), "flops_compress": x.numel(), "exact": False})
 
-    def pool_grad(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-        """(Ḡ ``(B, C', h, w)`` average over each ``R×R`` output patch, patch pixel counts ``(h, w)``)."""
+    def pool_grad(self, grad_output: Tensor, meta: dict | None = None) -> tuple[Tensor, Tensor]:
+        """(Ḡ ``(B, C', h, w)`` average over each ``R×R`` output patch, patch pixel counts ``(h, w)``).
+
+        With the step's ``meta``, the patch sums are left there for :meth:`weight_grad` of the same backward
+        (input gradient first, then weight gradient: one pass over ``G`` instead of two)."""
         sums, counts = patch_sums(grad_output, (self.patch, self.patch), self._grid(*grad_output.shape[2:]))
+        if meta is not None:
+            meta["_grad_sums"] = (grad_output, sums)
         return sums / counts, counts
+
+    def _grad_sums(self, grad_output: Tensor, meta: dict) -> Tensor:
+        """The patch sums of ``grad_output``: those :meth:`pool_grad` left for this very tensor, else computed."""
+        cached = meta.pop("_grad_sums", None)
+        if cached is not None and cached[0] is grad_output:
+            return cached[1]
+        return patch_sums(grad_output, (self.patch, self.patch), self._grid(*grad_output.shape[2:]))[0]
 
     def weight_grad(self, layer, tensors: Sequence[Tensor], meta: dict, grad_output: Tensor) -> Tensor:
         (saved,) = tensors
         if meta.get("exact"):
             return exact_weight_grad(layer, saved, grad_output)
         geometry = layer.geometry
-        g_sum, _ = patch_sums(grad_output, (self.patch, self.patch), self._grid(*grad_output.shape[2:]))
+        g_sum = self._grad_sums(grad_output, meta)
         groups = geometry.groups
         batch, out_ch = g_sum.shape[:2]
         in_per_group = saved.shape[1] // groups
@@ -122,7 +134,7 @@ class GradientFilter(Method):
     def input_grad(self, layer, tensors, meta, grad_output: Tensor, weight: Tensor, input_shape) -> Tensor:
         if meta.get("exact"):
             return layer.exact_input_grad(grad_output, weight, input_shape)
-        g_avg, _ = self.pool_grad(grad_output)
+        g_avg, _ = self.pool_grad(grad_output, meta)
         geometry, r, out_hw = layer.geometry, self.patch, tuple(grad_output.shape[2:])
         route = self.input_grad_route(layer, grad_output.shape, input_shape)
         if route == "pointwise":
