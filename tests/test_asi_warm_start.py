@@ -37,3 +37,24 @@ def test_warm_started_asi_reaches_hosvd_energy_and_beats_a_cold_start():
     assert energies[-1] >= fresh - 0.005, (energies, fresh)  # warm start converged to HOSVD's subspace
     assert energies[-1] > cold + 0.15
     assert all(b >= a - 1e-6 for a, b in zip(energies, energies[1:]))  # subspace iteration only climbs
+
+
+def test_captured_energy_is_the_core_share_of_the_activation_energy_on_both_batch_routes():
+    """``captured_energy = ‖core‖²/‖A‖²``, whether ‖A‖² comes from the batch Gram's trace (batch mode first:
+    a wide layer at r_B = 8) or from a pass over A (batch mode last: a narrow one)."""
+    from engine.methods.base import unpack_tucker
+    from engine.methods.tucker import ASI
+
+    torch.manual_seed(11)
+    for shape, ranks, batch_first in [((32, 960, 7, 7), (8, 120, 4, 4), True), ((32, 6, 9, 9), (8, 3, 5, 5), False)]:
+        conv = nn.Conv2d(shape[1], 4, 3, padding=1)
+        model = nn.Sequential(conv)
+        handle = engine.compress_model(model, "asi", layers=["0"], options={"ranks": ranks})
+        layer = handle.layers["0"]
+        order = [2, 3, 1] if batch_first else [1, 2, 3]
+        assert ASI._batch_first_is_cheaper(shape, ranks, order) == batch_first
+        x = torch.randn(shape).relu()
+        stash = layer.method.compress(layer, x)
+        core, _ = unpack_tucker(stash.tensors, stash.meta)
+        expected = float(core.double().norm() ** 2 / x.double().norm() ** 2)
+        assert abs(stash.meta["captured_energy"] - expected) < 1e-5 * expected, (shape, stash.meta["captured_energy"])

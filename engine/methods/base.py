@@ -287,9 +287,10 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
     return (q @ u_small[:, : min(rank, k)]).contiguous(), flops
 
 
-def energy_ratio(core: Tensor, x: Tensor) -> float:
-    """‖core‖²/‖x‖²: the share of the activation's energy the orthonormal factors capture."""
-    total = float(torch.linalg.vector_norm(x)) ** 2
+def energy_ratio(core: Tensor, x: Tensor, total: float | None = None) -> float:
+    """‖core‖²/‖x‖²: the share of the activation's energy the orthonormal factors capture. ``total``: ‖x‖² when
+    already known (the trace of a Gram of ``x``), saving a pass over the activation."""
+    total = float(torch.linalg.vector_norm(x)) ** 2 if total is None else float(total)
     return float(torch.linalg.vector_norm(core)) ** 2 / total if total > 0 else 1.0
 
 

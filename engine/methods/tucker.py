@@ -64,7 +64,7 @@ class _TuckerMethod(Method):
 
     @staticmethod
     def _finish(x: Tensor, y: Tensor, factors: list, batch_rank: int | None, flops: int, track_energy: bool,
-                generator: torch.Generator | None = None) -> Stash:
+                generator: torch.Generator | None = None, total_energy: Tensor | None = None) -> Stash:
         """Project the batch mode of the partly projected ``y`` (unless done: ``batch_rank=None``) and pack."""
         batch_flops = 0
         if batch_rank is not None:
@@ -78,7 +78,7 @@ class _TuckerMethod(Method):
             "flops_compress": int(flops + batch_flops),
         }
         if track_energy:
-            meta["captured_energy"] = energy_ratio(y, x)
+            meta["captured_energy"] = energy_ratio(y, x, total_energy)
         return tucker_stash(y, factors, meta)
 
 
@@ -215,7 +215,9 @@ class ASI(_TuckerMethod):
         d = source.shape[mode]
         if mode == 0 and d <= self.GRAM_ROWS_PER_RANK * rank:
             a = source.reshape(d, -1)
-            u = self._from_gram(layer, mm(a, a.T), mode, rank)
+            gram = mm(a, a.T)
+            self._source_energy = (source, gram.diagonal().sum())  # ‖source‖² for _finish, no extra pass
+            u = self._from_gram(layer, gram, mode, rank)
             return u, 2 * source.numel() * d + 2 * d * d * rank + 2 * d * rank * rank
         prev = layer._buffers.get(f"asi_factor_{mode}")
         if prev is None or tuple(prev.shape) != (d, rank):
@@ -274,7 +276,9 @@ class ASI(_TuckerMethod):
         # Batch mode last (narrow layers or large r_B): derived exactly enough from the small tensor.
         batch_rank = None if batch_first else ranks[0]
         layer.asi_steps += 1
-        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, generator)
+        source, energy = self.__dict__.pop("_source_energy", (None, None))
+        total_energy = energy if source is x else None  # the batch Gram was of x itself
+        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, generator, total_energy)
 
     @staticmethod
     def _batch_first_is_cheaper(shape, ranks, order) -> bool:
