@@ -212,12 +212,19 @@ def test_one_backward_pools_the_output_gradient_once(monkeypatch, input_needs_gr
         engine.compress_model(model, "gradient_filter", layers=["0"])
         inp = x.clone().requires_grad_(input_needs_grad)
         out = model(inp)
-        calls = []
+        calls: list = []
         real = simple.patch_sums
-        monkeypatch.setattr(simple, "patch_sums", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+
+        def counted(*args, calls=calls, real=real, **kwargs):
+            calls.append(args[0].shape)
+            return real(*args, **kwargs)
+
+        def own_sums(self, g, meta, real=real):
+            return real(g, (self.patch, self.patch), self._grid(*g.shape[2:]))[0]
+
+        monkeypatch.setattr(simple, "patch_sums", counted)
         if not share:
-            monkeypatch.setattr(simple.GradientFilter, "_grad_sums", lambda self, g, meta: real(
-                g, (self.patch, self.patch), self._grid(*g.shape[2:]))[0])
+            monkeypatch.setattr(simple.GradientFilter, "_grad_sums", own_sums)
         out.backward(torch.ones_like(out) * torch.arange(out.numel()).reshape(out.shape).sin())
         monkeypatch.undo()
         if share:
