@@ -58,3 +58,26 @@ def test_captured_energy_is_the_core_share_of_the_activation_energy_on_both_batc
         core, _ = unpack_tucker(stash.tensors, stash.meta)
         expected = float(core.double().norm() ** 2 / x.double().norm() ** 2)
         assert abs(stash.meta["captured_energy"] - expected) < 1e-5 * expected, (shape, stash.meta["captured_energy"])
+
+
+def test_lance_captured_energy_on_its_batch_first_route():
+    """LANCE's batch-first route (wide layer, B ≤ 8·r_B) takes ‖A‖² from the batch Gram's trace: still
+    ``‖core‖²/‖A‖²``; the batch-last route (batch 128 > 8·8) measures it by a pass."""
+    from engine.methods.base import unpack_tucker
+
+    torch.manual_seed(12)
+    for batch in (32, 128):
+        shape = (batch, 960, 7, 7)
+        conv = nn.Conv2d(960, 4, 1)
+        model = nn.Sequential(conv)
+        calibration = [torch.randn(shape).relu()]
+        handle = engine.compress_model(model, "lance", layers=["0"], options={"ranks": (8, 120, 4, 4)},
+                                       calibration_loader=calibration, calibration_batches=1)
+        layer = handle.layers["0"]
+        x = torch.randn(shape).relu()
+        stash = layer.method.compress(layer, x)
+        core, factors = unpack_tucker(stash.tensors, stash.meta)
+        assert (factors[0] is not None) and core.shape[0] == 8
+        expected = float(core.double().norm() ** 2 / x.double().norm() ** 2)
+        # float32 sums over 6 M elements: 1e-4 apart from float64 (either route)
+        assert abs(stash.meta["captured_energy"] - expected) < 1e-3 * expected, (batch, stash.meta["captured_energy"])

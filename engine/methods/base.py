@@ -245,7 +245,7 @@ def gram_route(batch: int, n: int) -> bool:
 
 
 def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
-                 oversample: int = 8) -> tuple[Tensor | None, int]:
+                 oversample: int = 8, energy: list | None = None) -> tuple[Tensor | None, int]:
     """A batch factor derived in this step from ``y`` alone (no state, so any batch size works).
 
     y ``(B, …)`` → (``U_B (B, r)`` orthonormal, FLOPs). With ``M = y_(0)`` (B × n):
@@ -258,7 +258,8 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
       ``oversample > 0`` the leading ``r`` left singular vectors of ``Qᵀ M`` (from its k×k Gram) then pick
       the kept part.
 
-    ``None`` when ``rank ≥ B``: the batch mode is kept whole (exact).
+    ``None`` when ``rank ≥ B``: the batch mode is kept whole (exact). ``energy`` (a list): on the Gram routes,
+    ‖y‖² (the Gram's trace, a 0-d tensor) is appended to it, so that a caller needs no pass of its own.
     """
     batch = y.shape[0]
     if rank >= batch:
@@ -267,11 +268,14 @@ def batch_factor(y: Tensor, rank: int, generator: torch.Generator | None = None,
     n = m.shape[1]
     k = min(rank + oversample, batch, n)
     if gram_route(batch, n):
+        gram = mm(m.T, m) if n < batch else mm(m, m.T)
+        if energy is not None:
+            energy.append(gram.diagonal().sum())
         if n < batch:  # fewer columns than rows: the n×n Gram's eigenvectors V give the same span, M V_r
-            _, vectors = S.eigh_descending(mm(m.T, m))
+            _, vectors = S.eigh_descending(gram)
             u = T.orth(mm(m, vectors[:, :rank]))
             return u.contiguous(), 2 * batch * n * n + 9 * n**3 + 2 * batch * n * rank + 2 * batch * rank**2
-        _, vectors = S.eigh_descending(mm(m, m.T))
+        _, vectors = S.eigh_descending(gram)
         return vectors[:, :rank].contiguous(), 2 * batch * batch * n + 9 * batch**3
     omega = torch.randn(n, k, generator=generator, device=y.device, dtype=y.dtype)
     q = T.orth(mm(m, omega))

@@ -379,6 +379,7 @@ class LANCE(_TuckerMethod):
         layer.lance_steps += 1
         order = projection_order(x.shape, ranks)
         y, flops = x, 0
+        energy: list = []  # ‖x‖² from the batch Gram's trace, where the batch mode goes first
         # batch first only while its Gram is small (B ≤ BATCH_GRAM_ROWS_PER_RANK·r_B): at batch 128, r_B = 8 the
         # (128, 128) Gram of the whole activation costs more than the fixed modes' projections (interleaved,
         # 1 thread: MobileNetV2's features.17 36.5 vs 40.9 ms, ResNet-18's layer4.0.downsample 66.9 vs 72.2 ms)
@@ -387,13 +388,14 @@ class LANCE(_TuckerMethod):
             # Wide layers: the batch factor of the full activation (its Gram, engine.methods.base.batch_factor)
             # costs less than projecting the fixed channel factor first; the fixed modes then act on B/r_B
             # less data.
-            u_batch, flops = batch_factor(x, batch_rank, generator, oversample=0)
+            u_batch, flops = batch_factor(x, batch_rank, generator, oversample=0, energy=energy)
             y = T.mode_product(x, u_batch, 0)
             flops += 2 * x.numel() * batch_rank
             factors[0] = u_batch
             batch_rank = None
         y, f = project_modes(y, factors, order)
-        return self._finish(x, y, factors, batch_rank, flops + f, self.track_energy, generator)
+        return self._finish(x, y, factors, batch_rank, flops + f, self.track_energy, generator,
+                            energy[0] if energy else None)
 
     @staticmethod
     def _batch_first_is_cheaper(shape, ranks: dict, order: list, batch_rank: int) -> bool:
