@@ -51,9 +51,9 @@ def conv_weight_grad(core: Tensor, factors: Factors, grad_output: Tensor, geomet
     spatial = u_height is not None or u_width is not None
     # Where the kernel pads: a depthwise conv with symmetric padding is expanded to the unpadded map and ATen
     # pads (its depthwise kernels do that for free; a large kernel then runs in channels_last,
-    # engine.geometry.DEPTHWISE_CHANNELS_LAST_MIN_TAPS). MobileNetV2's 3×3 at batch rank 8: the lift to 7×7
-    # instead of 9×9 0.34 → 0.20 ms, the correlation 0.56 → 0.42 ms. Otherwise the padding is done in factor
-    # space (methods.md §3, step 2).
+    # engine.geometry.DEPTHWISE_CHANNELS_LAST_MIN_TAPS). MobileNetV2's 3×3 (32, 960, 7, 7) at ranks
+    # (8, 120, 4, 4): 1.72 → 1.47 ms (the lift to 7×7, not 9×9; docs/bench/depthwise_weight_grad.py). Otherwise
+    # the padding is done in factor space (methods.md §3, step 2).
     kernel_pads = spatial and geometry.symmetric and geometry.groups > 1 and int(weight_shape[1]) == 1
     top, bottom, left, right = (0, 0, 0, 0) if kernel_pads else geometry.padding
     padded = spatial and not kernel_pads
@@ -125,7 +125,8 @@ def _depthwise_taps_weight_grad(core: Tensor, factors: Factors, grad_output: Ten
        → ``(C', 1, kh, kw)``.
 
     Exact for any stride, dilation and (asymmetric) padding; equals the expanded route to rounding. MCUNet's 7×7
-    (32, 480, 6, 6) at ranks (8, 60, 3, 3): 4.8 → 1.5 ms (``python3 docs/bench/depthwise_weight_grad.py``).
+    (32, 480, 6, 6) at ranks (8, 60, 3, 3): 6.6 ms with the factor-space padding, 6.2 with the kernel padding,
+    1.1 ms here (``python3 docs/bench/depthwise_weight_grad.py``, its ``compressed`` rows).
     """
     u_batch, u_channel, u_height, u_width = factors
     batch, out_channels, out_h, out_w = grad_output.shape

@@ -9,14 +9,27 @@ says so (kernels of at least 10 taps, padded by the kernel). The shapes: MCUNet-
 layer at batch 64 and at the batch rank 8 of a compressed weight gradient, other 5×5 / 7×7 maps, an input padded
 beforehand, and 3×3 ones (MobileNetV2's).
 ``max_rel_diff``: the two results' largest difference over the largest entry (float rounding).
+
+``compressed`` rows: the weight gradient from a Tucker core at ASI's default ranks ``(8, ⌈C/8⌉, ⌈H/2⌉, ⌈W/2⌉)``
+(``engine.functional.conv_weight_grad``), three routes on the same inputs: ``factor_space_padding`` (the earlier
+route: lift to the padded map, ATen correlation on it in NCHW), ``kernel_pads`` (lift to the unpadded map, ATen
+pads; channels_last from 10 taps) and ``taps`` (:func:`engine.functional._depthwise_taps_weight_grad`, where
+:func:`engine.functional.taps_route` takes it: ``r_H·r_W < kh·kw``, 10+ taps). ``engine`` names the route taken.
 """
 from __future__ import annotations
 
-import torch
+import functools
+import math
 
+import torch
+from torch import nn
+
+from engine import functional as Fn
+from engine import tensor_ops as T
 from engine.bench.output import bench_parser, emit_json
 from engine.bench.timing import interleaved_ms
-from engine.geometry import depthwise_grad_in_channels_last
+from engine.functional import conv_weight_grad, taps_route
+from engine.geometry import conv_geometry, depthwise_grad_in_channels_last
 from engine.malloc import tune_malloc
 
 #: (batch, channels, map side, kernel, stride, padding); the last 7×7 row is an input padded beforehand (padding 0),
@@ -26,6 +39,55 @@ SHAPES = (
     (64, 480, 12, 7, 2, 3), (64, 96, 22, 7, 1, 3), (8, 480, 12, 7, 1, 0), (64, 480, 6, 3, 1, 1),
     (32, 960, 7, 3, 1, 1), (8, 960, 9, 3, 1, 1),
 )
+#: (batch, channels, map side, kernel) of the compressed rows: MCUNet-in3's 7×7, a 5×5, MobileNetV2's 3×3
+COMPRESSED = ((32, 480, 6, 7), (64, 480, 6, 7), (128, 480, 6, 7), (64, 480, 6, 5), (32, 960, 7, 3), (64, 960, 7, 3))
+
+
+def factor_space_padding(core, factors, g, geometry, weight_shape):
+    """The earlier route: channels lifted, spatial modes lifted with zero-padded factors, ATen NCHW on them."""
+    u_b, u_c, u_h, u_w = factors
+    top, bottom, left, right = geometry.padding
+    z1 = T.mode_product(g, u_b, 0)
+    x = T.pair_expand(T.mode_expand(core, u_c, 1), Fn._pad_rows(u_h, top, bottom), Fn._pad_rows(u_w, left, right))
+    dummy = x.new_empty(1).expand(tuple(weight_shape))
+    return torch.ops.aten.convolution_backward(
+        z1, x, dummy, None, list(geometry.stride), [0, 0], list(geometry.dilation), False, [0, 0], geometry.groups,
+        [False, True, False])[1]
+
+
+def compressed_rows(repeats: int, generator: torch.Generator) -> list[dict]:
+    rows = []
+    for batch, channels, side, kernel in COMPRESSED:
+        conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+        geometry, shape = conv_geometry(conv), conv.weight.shape
+        ranks = (8, math.ceil(channels / 8), math.ceil(side / 2), math.ceil(side / 2))
+        full = (batch, channels, side, side)
+        factors = [torch.linalg.qr(torch.randn(d, r, generator=generator)).Q for d, r in zip(full, ranks)]
+        core = torch.randn(ranks, generator=generator)
+        g = torch.randn(full, generator=generator)
+        args = (core, factors, g, geometry, shape)
+        calls = {"factor_space_padding": functools.partial(factor_space_padding, *args),
+                 "kernel_pads": functools.partial(_kernel_pads, *args),
+                 "taps": functools.partial(Fn._depthwise_taps_weight_grad, *args)}
+        ms = interleaved_ms(calls, repeats)
+        results = {k: fn() for k, fn in calls.items()}
+        ref = results["factor_space_padding"]
+        rows.append({
+            "compressed": True, "shape": list(full), "kernel": kernel, "ranks": list(ranks), "ms": ms,
+            "engine": "taps" if taps_route(core.shape, factors, geometry, shape) else "kernel_pads",
+            "max_rel_diff": max(float((r - ref).abs().max() / ref.abs().max()) for r in results.values()),
+        })
+    return rows
+
+
+def _kernel_pads(core, factors, g, geometry, weight_shape):
+    """``conv_weight_grad`` with the taps route switched off: the kernel pads (channels_last from 10 taps)."""
+    saved = Fn.DEPTHWISE_CHANNELS_LAST_MIN_TAPS
+    Fn.DEPTHWISE_CHANNELS_LAST_MIN_TAPS = 1 << 30  # taps_route's threshold only; engine.geometry keeps its own
+    try:
+        return conv_weight_grad(core, factors, g, geometry, weight_shape)
+    finally:
+        Fn.DEPTHWISE_CHANNELS_LAST_MIN_TAPS = saved
 
 
 def weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: int, stride: int, padding: int, layout) -> torch.Tensor:
@@ -62,6 +124,7 @@ def main() -> None:
                 x, (channels, 1, kernel, kernel), channels),
             "max_rel_diff": float((a - b).abs().max() / a.abs().max()),
         })
+    rows += compressed_rows(args.repeats, generator)
     emit_json({"threads": 1, "repeats": args.repeats, "rows": rows}, args.json)
 
 
