@@ -19,11 +19,8 @@ from torch import nn
 
 from engine import spectra as S
 from engine import tensor_ops as T
-from engine.geometry import (
-    DEPTHWISE_CHANNELS_LAST_MIN_TAPS,
-    ConvGeometry,
-    conv_geometry,
-)
+from engine.depthwise import taps_route, taps_weight_grad
+from engine.geometry import ConvGeometry, conv_geometry
 from engine.matmul import mm
 
 Tensor = torch.Tensor
@@ -46,7 +43,7 @@ def conv_weight_grad(core: Tensor, factors: Factors, grad_output: Tensor, geomet
     """
     u_batch, u_channel, u_height, u_width = factors
     if taps_route(core.shape, factors, geometry, weight_shape):
-        return _depthwise_taps_weight_grad(core, factors, grad_output, geometry, weight_shape)
+        return taps_weight_grad(core, factors, grad_output, geometry, weight_shape)
     z1 = grad_output if u_batch is None else T.mode_product(grad_output, u_batch, 0)  # (r_B, C', H', W')
     spatial = u_height is not None or u_width is not None
     # Where the kernel pads: a depthwise conv with symmetric padding is expanded to the unpadded map and ATen
@@ -89,67 +86,6 @@ def conv_weight_grad(core: Tensor, factors: Factors, grad_output: Tensor, geomet
         if u_channel is not None:
             x = T.mode_expand(x, u_channel, 1)
     return geometry.weight_grad(x, z1, weight_shape, groups=geometry.groups, padded=padded)
-
-
-def taps_route(core_shape, factors: Factors, geometry: ConvGeometry, weight_shape) -> bool:
-    """Whether a depthwise conv's compressed dW goes through :func:`_depthwise_taps_weight_grad`: one input channel
-    per group, both spatial modes factored, a kernel of at least ``DEPTHWISE_CHANNELS_LAST_MIN_TAPS`` taps (where
-    ATen's depthwise weight gradient is slow) and fewer spatial ranks than taps (``r_H·r_W < kh·kw``: the route's
-    main product costs ``r_H·r_W`` multiply-adds per output position and batch rank, the correlation ``kh·kw``)."""
-    kh, kw = geometry.kernel
-    return (geometry.groups > 1 and int(weight_shape[1]) == 1 and factors[2] is not None and factors[3] is not None
-            and kh * kw >= DEPTHWISE_CHANNELS_LAST_MIN_TAPS and int(core_shape[2]) * int(core_shape[3]) < kh * kw)
-
-
-def _kernel_taps(factor: Tensor, before: int, after: int, out_len: int, kernel: int, stride: int,
-                 dilation: int) -> Tensor:
-    """The rows of the zero-padded factor that each (output position, kernel tap) reads, as a matrix:
-    ``[(o, r), k] = U_pad[o·stride + k·dilation, r]`` → ``(out_len·r, kernel)``."""
-    padded = _pad_rows(factor, before, after)
-    index = (torch.arange(out_len, device=factor.device)[:, None] * stride
-             + torch.arange(kernel, device=factor.device)[None, :] * dilation)
-    return padded[index].permute(0, 2, 1).reshape(out_len * factor.shape[1], kernel)
-
-
-def _depthwise_taps_weight_grad(core: Tensor, factors: Factors, grad_output: Tensor, geometry: ConvGeometry,
-                                weight_shape) -> Tensor:
-    """dW of a depthwise conv (one input channel per group, channel multiplier ``m = C'/C``) without expanding
-    the activation: every product stays in factor space.
-
-    ``dW[o, i, j] = Σ_{q,t,u} K[o,q,t,u] Σ_{h,w} Z1[q,o,h,w] U_Hp[h·s + i·d, t] U_Wp[w·s + j·d, u]`` with
-    ``Z1 = G ×_1 U_Bᵀ`` and ``K = core ×_2 U_C`` (row ``o // m`` of ``U_C`` for output channel ``o``):
-
-    1. ``Z1ᵀ`` ``(C', H'·W', r_B)`` from one product of ``G`` with ``U_B``;
-    2. per output channel, ``Z1ᵀ K`` over the batch rank → ``(C', H', W', r_H, r_W)`` (a batched product);
-    3. the width taps ``(W'·r_W, kw)``, then the height taps ``(H'·r_H, kh)`` (:func:`_kernel_taps`)
-       → ``(C', 1, kh, kw)``.
-
-    Exact for any stride, dilation and (asymmetric) padding; equals the expanded route to rounding. MCUNet's 7×7
-    (32, 480, 6, 6) at ranks (8, 60, 3, 3): 6.6 ms with the factor-space padding, 6.2 with the kernel padding,
-    1.1 ms here (``python3 docs/bench/depthwise_weight_grad.py``, its ``compressed`` rows).
-    """
-    u_batch, u_channel, u_height, u_width = factors
-    batch, out_channels, out_h, out_w = grad_output.shape
-    rank_b, rank_c, rank_h, rank_w = core.shape
-    multiplier = out_channels // geometry.in_channels
-    if u_batch is None:
-        z1t = grad_output.permute(1, 2, 3, 0).reshape(out_channels, out_h * out_w, batch)
-    else:
-        # a plain matmul: oneDNN (engine.matmul.mm) copies the transposed operand first (0.68 against 0.16 ms)
-        z1t = torch.matmul(grad_output.reshape(batch, -1).T, u_batch).view(out_channels, out_h * out_w, rank_b)
-    core_c = core.permute(1, 0, 2, 3).reshape(rank_c, -1)  # (r_C, r_B·r_H·r_W)
-    if u_channel is None:
-        k = core_c if multiplier == 1 else core_c.repeat_interleave(multiplier, 0)
-    else:
-        k = mm(u_channel if multiplier == 1 else u_channel.repeat_interleave(multiplier, 0), core_c)
-    z2 = torch.bmm(z1t, k.view(out_channels, rank_b, rank_h * rank_w))  # (C', H'·W', r_H·r_W)
-    z2 = z2.view(out_channels, out_h, out_w, rank_h, rank_w).permute(0, 1, 3, 2, 4)
-    top, bottom, left, right = geometry.padding
-    kh, kw = geometry.kernel
-    taps_w = _kernel_taps(u_width, left, right, out_w, kw, geometry.stride[1], geometry.dilation[1])
-    taps_h = _kernel_taps(u_height, top, bottom, out_h, kh, geometry.stride[0], geometry.dilation[0])
-    y = mm(z2.reshape(out_channels * out_h * rank_h, out_w * rank_w), taps_w)  # (C'·H'·r_H, kw)
-    return torch.matmul(taps_h.T, y.view(out_channels, out_h * rank_h, kw)).view(tuple(weight_shape))
 
 
 def _full_shape(factors: Factors, core: Tensor) -> tuple[int, ...]:

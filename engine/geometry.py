@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.depthwise import exact_taps_route, taps_weight_grad
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -72,6 +74,9 @@ class ConvGeometry:
         ``weight_shape[1] · groups`` must equal ``C_in``; ``N`` may be a compressed batch (the rows of a
         batch factor) and ``C_in`` a compressed channel mode (then ``groups`` is 1).
         """
+        if exact_taps_route(inputs.shape, self, weight_shape):  # engine.depthwise: as dense products
+            return taps_weight_grad(inputs, (None, None, None, None), grad_output, self, weight_shape,
+                                    padding=(0, 0, 0, 0) if padded else None)
         top, bottom, left, right = self.padding
         if not padded and not self.symmetric:
             inputs, padded = F.pad(inputs, (left, right, top, bottom)), True
@@ -94,12 +99,16 @@ class ConvGeometry:
 
 
 #: depthwise kernels of at least this many taps take their weight gradient in channels_last on the CPU, with the
-#: zero padding left to the kernel: ATen's NCHW path for them runs at 2-3 GFLOP/s. Measured on one thread
+#: zero padding left to the kernel, where engine.depthwise's taps route (small maps, first) does not apply: ATen's
+#: NCHW path for them runs at 2-3 GFLOP/s. Measured on one thread
 #: (``python3 docs/bench/depthwise_weight_grad.py``), copies included: MCUNet's 7×7 on (64, 480, 6, 6)
 #: 48.4 → 24.9 ms, 5×5 28.2 → 15.8 ms, (64, 96, 22, 22) 7×7 216 → 40 ms; 3×3 kernels keep NCHW, where ATen has a
 #: fast kernel (1.17 against 1.68 ms with the copies). An input padded beforehand (asymmetric padding) stays
 #: NCHW: channels_last loses there ((8, 480, 12, 12) 7×7 unpadded: 5.9 against 7.1 ms).
 DEPTHWISE_CHANNELS_LAST_MIN_TAPS = 10
+#: … and at least this many batch × map positions: below, the two layout copies cost more than they save
+#: ((1, 480, 6, 6) 7×7: NCHW 0.92, channels_last 2.61 ms; (4, 480, 6, 6) 3.33 / 3.50; (1, 96, 22, 22) 3.66 / 1.33)
+CHANNELS_LAST_MIN_POSITIONS = 144
 
 
 def depthwise_grad_in_channels_last(inputs: torch.Tensor, weight_shape, groups: int) -> bool:
@@ -109,7 +118,8 @@ def depthwise_grad_in_channels_last(inputs: torch.Tensor, weight_shape, groups: 
     numbers equal NCHW's to float rounding."""
     return (groups > 1 and int(weight_shape[1]) == 1 and inputs.device.type == "cpu"
             and inputs.dtype == torch.float32
-            and int(weight_shape[2]) * int(weight_shape[3]) >= DEPTHWISE_CHANNELS_LAST_MIN_TAPS)
+            and int(weight_shape[2]) * int(weight_shape[3]) >= DEPTHWISE_CHANNELS_LAST_MIN_TAPS
+            and inputs.shape[0] * inputs.shape[2] * inputs.shape[3] >= CHANNELS_LAST_MIN_POSITIONS)
 
 
 def _pair(v) -> tuple[int, int]:

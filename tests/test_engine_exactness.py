@@ -212,28 +212,43 @@ def test_gradient_filter_patch_constant_fields():
     assert not torch.allclose(model[0].weight.grad, reference.weight.grad, rtol=1e-3, atol=1e-3)
 
 
-def test_large_depthwise_weight_grads_take_channels_last_and_equal_nchw():
-    """The route: depthwise CPU float32 kernels of ≥ 10 taps go channels_last; the gradient equals ATen's NCHW
-    one to float rounding and comes back contiguous; 3×3, grouped (2+ channels per group) and float64 stay NCHW."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("route", ["taps", "channels_last", "nchw"])
+def test_exact_large_depthwise_weight_grad_routes_equal_aten(route, dtype, monkeypatch):
+    """The exact dW of a 7×7 depthwise conv: a small map at batch 4 takes the taps route (engine.depthwise), a
+    larger one channels_last (float32; float64 stays NCHW), 3×3 kernels NCHW; each equals ATen's NCHW dW."""
+    import engine.depthwise as depthwise
     from engine.geometry import conv_geometry, depthwise_grad_in_channels_last
 
-    x32 = torch.empty(2, 8, 9, 9)
+    x32 = torch.empty(2, 8, 12, 12)
     assert depthwise_grad_in_channels_last(x32, (8, 1, 7, 7), 8)
     assert depthwise_grad_in_channels_last(x32, (16, 1, 5, 2), 8)  # 10 taps, channel multiplier 2
     assert not depthwise_grad_in_channels_last(x32, (8, 1, 3, 3), 8)
     assert not depthwise_grad_in_channels_last(x32, (8, 2, 7, 7), 4)
     assert not depthwise_grad_in_channels_last(x32.double(), (8, 1, 7, 7), 8)
     assert not depthwise_grad_in_channels_last(x32, (8, 8, 7, 7), 1)
+    assert not depthwise_grad_in_channels_last(torch.empty(1, 8, 6, 6), (8, 1, 7, 7), 8)  # 36 positions: NCHW
 
     torch.manual_seed(3)
-    conv = nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=False)
+    conv = nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=False).to(dtype)
     geometry = conv_geometry(conv)
-    x, g = torch.randn(4, 8, 9, 9), torch.randn(4, 8, 9, 9)
+    side = {"taps": 6, "channels_last": 16, "nchw": 16}[route]
+    if route == "nchw":
+        monkeypatch.setattr(geometry_module(), "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 1 << 30)
+    assert depthwise.exact_taps_route((4, 8, side, side), geometry, conv.weight.shape) == (route == "taps")
+    x, g = torch.randn(4, 8, side, side, dtype=dtype), torch.randn(4, 8, side, side, dtype=dtype)
     grad = geometry.weight_grad(x, g, conv.weight.shape, 8, padded=False)
     reference = torch.ops.aten.convolution_backward(
         g, x, conv.weight.detach(), None, [1, 1], [3, 3], [1, 1], False, [0, 0], 8, [False, True, False])[1]
     assert grad.is_contiguous() and grad.shape == conv.weight.shape
-    assert float((grad - reference).abs().max() / reference.abs().max()) < 1e-5
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((grad - reference).abs().max() / reference.abs().max()) < tolerance
+
+
+def geometry_module():
+    import engine.geometry as geometry
+
+    return geometry
 
 
 LARGE_DEPTHWISE = {
@@ -242,9 +257,10 @@ LARGE_DEPTHWISE = {
     "depthwise_same_4x5_dilated": dict(in_channels=6, out_channels=6, kernel_size=(4, 5), padding="same",
                                        dilation=(1, 2), groups=6),  # asymmetric padding (4 rows)
 }
-#: spatial ranks per route: (3, 4) → r_H·r_W = 12, fewer than the kernel's taps (the taps route); (8, 9) → 72, more
-#: (the kernel pads, in channels_last, where the padding is symmetric)
-ROUTE_RANKS = {"taps": (3, 4, 3, 4), "kernel_pads": (3, 4, 8, 9), "factor_space": (3, 4, 8, 9)}
+LARGE_INPUT = (3, 6, 16, 18)
+#: spatial ranks per route: (3, 4) → r_H·r_W = 12, within 2× the kernel's taps (the taps route); (12, 13) → 156,
+#: more (the core lifted to the unpadded map, the kernel pads, in channels_last where the padding is symmetric)
+ROUTE_RANKS = {"taps": (3, 4, 3, 4), "kernel_pads": (3, 4, 12, 13), "factor_space": (3, 4, 12, 13)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -252,19 +268,21 @@ ROUTE_RANKS = {"taps": (3, 4, 3, 4), "kernel_pads": (3, 4, 8, 9), "factor_space"
 @pytest.mark.parametrize("config", list(LARGE_DEPTHWISE))
 def test_large_depthwise_compressed_weight_grad_equals_reconstructed_input(config, route, dtype, monkeypatch):
     """Truncated factors: each route of a large depthwise kernel's compressed dW (the taps route in factor space;
-    the expansion to the unpadded map padded by the kernel in channels_last; the factor-space padding) equals
-    the dW of the reconstructed input ``x̂``."""
-    import engine.geometry as geometry
+    the lift to the unpadded map padded by the kernel, in channels_last; the factor-space padding in NCHW)
+    equals the dW of the reconstructed input ``x̂``."""
+    import engine.depthwise as depthwise
 
     if route == "factor_space":
-        monkeypatch.setattr(Fn, "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 10**9)
-        monkeypatch.setattr(geometry, "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 10**9)
+        monkeypatch.setattr(depthwise, "LARGE_KERNEL_TAPS", 1 << 30)
+        monkeypatch.setattr(geometry_module(), "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 1 << 30)
     torch.manual_seed(5)
     layer = nn.Conv2d(**LARGE_DEPTHWISE[config]).to(dtype)
     ranks = ROUTE_RANKS[route]
-    factors = [torch.linalg.qr(torch.randn(d, r, dtype=dtype)).Q for d, r in zip(INPUT, ranks)]
+    factors = [torch.linalg.qr(torch.randn(d, r, dtype=dtype)).Q for d, r in zip(LARGE_INPUT, ranks)]
     core = torch.randn(ranks, dtype=dtype)
-    assert Fn.taps_route(core.shape, factors, conv_geometry_of(layer), layer.weight.shape) == (route == "taps")
+    geometry = geometry_module().conv_geometry(layer)
+    assert depthwise.taps_route(core.shape, factors, geometry, layer.weight.shape) == (route == "taps")
+    assert not depthwise.exact_taps_route(LARGE_INPUT, geometry, layer.weight.shape)
     x_hat = core
     for mode, factor in enumerate(factors):
         x_hat = T.mode_expand(x_hat, factor, mode)
@@ -276,7 +294,18 @@ def test_large_depthwise_compressed_weight_grad_equals_reconstructed_input(confi
     assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < tolerance
 
 
-def conv_geometry_of(layer: nn.Conv2d):
-    from engine.geometry import conv_geometry
+@pytest.mark.parametrize("config", list(LARGE_DEPTHWISE))
+def test_taps_route_on_a_raw_activation_is_autograds_weight_grad(config):
+    """The taps route with identity spatial factors (the exact route): stride, dilation, asymmetric padding and
+    channel multiplier, float64, against autograd."""
+    import engine.depthwise as depthwise
 
-    return conv_geometry(layer)
+    torch.manual_seed(6)
+    layer = nn.Conv2d(**LARGE_DEPTHWISE[config]).double()
+    x = torch.randn(4, 6, 7, 8, dtype=torch.float64)
+    out = layer(x)
+    grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    geometry = geometry_module().conv_geometry(layer)
+    dw = depthwise.taps_weight_grad(x, (None,) * 4, grad_output, geometry, layer.weight.shape)
+    assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12

@@ -1,4 +1,4 @@
-"""Depthwise conv weight gradients on the CPU (1 thread): ATen's NCHW path against channels_last.
+"""Depthwise conv weight gradients on the CPU (1 thread): ATen's NCHW path, channels_last, the taps route.
 
     python3 docs/bench/depthwise_weight_grad.py [--repeats 7] [--json docs/bench/depthwise_weight_grad.json]
 
@@ -8,13 +8,16 @@ the shape given, interleaved; medians. ``channels_last`` includes the two layout
 says so (kernels of at least 10 taps, padded by the kernel). The shapes: MCUNet-in3's trained 7×7 depthwise
 layer at batch 64 and at the batch rank 8 of a compressed weight gradient, other 5×5 / 7×7 maps, an input padded
 beforehand, and 3×3 ones (MobileNetV2's).
-``max_rel_diff``: the two results' largest difference over the largest entry (float rounding).
+``taps``: :func:`engine.depthwise.taps_weight_grad` on the raw activation (identity spatial factors), which the
+engine takes first where :func:`engine.depthwise.exact_taps_route` says so (``H·W ≤ 3·kh·kw``, 10+ taps).
+``engine``: the route :meth:`engine.geometry.ConvGeometry.weight_grad` takes.
+``max_rel_diff``: the results' largest difference from NCHW's over its largest entry (float rounding).
 
 ``compressed`` rows: the weight gradient from a Tucker core at ASI's default ranks ``(8, ⌈C/8⌉, ⌈H/2⌉, ⌈W/2⌉)``
 (``engine.functional.conv_weight_grad``), three routes on the same inputs: ``factor_space_padding`` (the earlier
 route: lift to the padded map, ATen correlation on it in NCHW), ``kernel_pads`` (lift to the unpadded map, ATen
-pads; channels_last from 10 taps) and ``taps`` (:func:`engine.functional._depthwise_taps_weight_grad`, where
-:func:`engine.functional.taps_route` takes it: ``r_H·r_W < kh·kw``, 10+ taps). ``engine`` names the route taken.
+pads; channels_last from 10 taps) and ``taps`` (:func:`engine.depthwise.taps_weight_grad`, where
+:func:`engine.depthwise.taps_route` takes it: ``r_H·r_W ≤ 2·kh·kw``, 10+ taps). ``engine`` names the route taken.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ import math
 import torch
 from torch import nn
 
+from engine import depthwise
 from engine import functional as Fn
 from engine import tensor_ops as T
 from engine.bench.output import bench_parser, emit_json
 from engine.bench.timing import interleaved_ms
-from engine.functional import conv_weight_grad, taps_route
+from engine.functional import conv_weight_grad
 from engine.geometry import conv_geometry, depthwise_grad_in_channels_last
 from engine.malloc import tune_malloc
 
@@ -37,7 +41,7 @@ from engine.malloc import tune_malloc
 SHAPES = (
     (64, 480, 6, 7, 1, 3), (8, 480, 6, 7, 1, 3), (64, 480, 6, 5, 1, 2), (64, 240, 12, 7, 1, 3),
     (64, 480, 12, 7, 2, 3), (64, 96, 22, 7, 1, 3), (8, 480, 12, 7, 1, 0), (64, 480, 6, 3, 1, 1),
-    (32, 960, 7, 3, 1, 1), (8, 960, 9, 3, 1, 1),
+    (32, 960, 7, 3, 1, 1), (8, 960, 9, 3, 1, 1), (1, 480, 6, 7, 1, 3), (128, 480, 6, 7, 1, 3),
 )
 #: (batch, channels, map side, kernel) of the compressed rows: MCUNet-in3's 7×7, a 5×5, MobileNetV2's 3×3
 COMPRESSED = ((32, 480, 6, 7), (64, 480, 6, 7), (128, 480, 6, 7), (64, 480, 6, 5), (32, 960, 7, 3), (64, 960, 7, 3))
@@ -68,13 +72,13 @@ def compressed_rows(repeats: int, generator: torch.Generator) -> list[dict]:
         args = (core, factors, g, geometry, shape)
         calls = {"factor_space_padding": functools.partial(factor_space_padding, *args),
                  "kernel_pads": functools.partial(_kernel_pads, *args),
-                 "taps": functools.partial(Fn._depthwise_taps_weight_grad, *args)}
+                 "taps": functools.partial(depthwise.taps_weight_grad, *args)}
         ms = interleaved_ms(calls, repeats)
         results = {k: fn() for k, fn in calls.items()}
         ref = results["factor_space_padding"]
         rows.append({
             "compressed": True, "shape": list(full), "kernel": kernel, "ranks": list(ranks), "ms": ms,
-            "engine": "taps" if taps_route(core.shape, factors, geometry, shape) else "kernel_pads",
+            "engine": "taps" if depthwise.taps_route(core.shape, factors, geometry, shape) else "kernel_pads",
             "max_rel_diff": max(float((r - ref).abs().max() / ref.abs().max()) for r in results.values()),
         })
     return rows
@@ -82,12 +86,12 @@ def compressed_rows(repeats: int, generator: torch.Generator) -> list[dict]:
 
 def _kernel_pads(core, factors, g, geometry, weight_shape):
     """``conv_weight_grad`` with the taps route switched off: the kernel pads (channels_last from 10 taps)."""
-    saved = Fn.DEPTHWISE_CHANNELS_LAST_MIN_TAPS
-    Fn.DEPTHWISE_CHANNELS_LAST_MIN_TAPS = 1 << 30  # taps_route's threshold only; engine.geometry keeps its own
+    saved = depthwise.LARGE_KERNEL_TAPS
+    depthwise.LARGE_KERNEL_TAPS = 1 << 30  # the taps routes only; engine.geometry's channels_last rule stays
     try:
         return conv_weight_grad(core, factors, g, geometry, weight_shape)
     finally:
-        Fn.DEPTHWISE_CHANNELS_LAST_MIN_TAPS = saved
+        depthwise.LARGE_KERNEL_TAPS = saved
 
 
 def weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: int, stride: int, padding: int, layout) -> torch.Tensor:
@@ -115,14 +119,23 @@ def main() -> None:
         calls = {name: (lambda x=x, g=g, kernel=kernel, stride=stride, padding=padding, layout=layout:
                         weight_grad(x, g, kernel, stride, padding, layout))
                  for name, layout in (("nchw", None), ("channels_last", torch.channels_last))}
+        conv = nn.Conv2d(channels, channels, kernel, stride=stride, padding=padding, groups=channels, bias=False)
+        geometry, shape = conv_geometry(conv), conv.weight.shape
+        calls["taps"] = functools.partial(depthwise.taps_weight_grad, x, (None,) * 4, g, geometry, shape)
         ms = interleaved_ms(calls, args.repeats)
-        a, b = calls["nchw"](), calls["channels_last"]()
+        results = {k: fn() for k, fn in calls.items()}
+        ref = results["nchw"]
+        if depthwise.exact_taps_route(x.shape, geometry, shape):
+            engine_route = "taps"
+        elif padding > 0 and depthwise_grad_in_channels_last(x, shape, channels):
+            engine_route = "channels_last"
+        else:
+            engine_route = "nchw"
         rows.append({
             "shape": [batch, channels, side, side], "kernel": kernel, "stride": stride, "padding": padding, "ms": ms,
-            "speedup": round(ms["nchw"] / ms["channels_last"], 2),
-            "engine_uses_channels_last": padding > 0 and depthwise_grad_in_channels_last(
-                x, (channels, 1, kernel, kernel), channels),
-            "max_rel_diff": float((a - b).abs().max() / a.abs().max()),
+            "engine": engine_route, "engine_ms": ms[engine_route],
+            "speedup_vs_nchw": round(ms["nchw"] / ms[engine_route], 2),
+            "max_rel_diff": max(float((r - ref).abs().max() / ref.abs().max()) for r in results.values()),
         })
     rows += compressed_rows(args.repeats, generator)
     emit_json({"threads": 1, "repeats": args.repeats, "rows": rows}, args.json)
