@@ -1,5 +1,6 @@
-"""channels_last where it is faster (CPU: the feature cache's prefix, vanilla's trained suffix): the same
-numbers as NCHW, the layout really used, and ``--no-channels-last`` / ``LANCE_CHANNELS_LAST=0`` turn it off."""
+"""channels_last where it is faster (CPU: the feature cache's prefix; a trained suffix of a method in
+``CHANNELS_LAST_METHODS``, none by default now): the same numbers as NCHW, the layout really used, and
+``--no-channels-last`` / ``LANCE_CHANNELS_LAST=0`` turn it off."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ from engine.data import get_dataset
 from engine.data.feature_cache import cached_features, feature_key, use_channels_last
 from engine.models import build_backbone, split_at_stage
 from engine.store import RunStore
+from engine.train import data as train_data
 from engine.train.config import FinetuneConfig
 from engine.train.data import suffix_channels_last
 from engine.train.prepare import prepare
@@ -24,6 +26,9 @@ CONFIG = dict(backbone="small-cnn", dataset="digits", layers=3, epochs=2, batch_
 def test_the_layout_rule(monkeypatch):
     monkeypatch.delenv("LANCE_CHANNELS_LAST", raising=False)
     assert use_channels_last("cpu") and not use_channels_last("cuda")
+    assert train_data.CHANNELS_LAST_METHODS == ()  # every trained suffix is NCHW by default (docs/speed.md)
+    assert not suffix_channels_last("vanilla", "cpu")
+    monkeypatch.setattr(train_data, "CHANNELS_LAST_METHODS", ("vanilla",))
     assert suffix_channels_last("vanilla", "cpu") and not suffix_channels_last("vanilla", "cpu", enabled=False)
     assert not suffix_channels_last("asi", "cpu") and not suffix_channels_last("lance", "cpu")
     monkeypatch.setenv("LANCE_CHANNELS_LAST", "0")
@@ -45,7 +50,9 @@ def test_prefix_features_agree_in_both_layouts():
     assert all(p.is_contiguous() for p in prefix.parameters())  # the prefix is handed back as it came
 
 
-def test_vanilla_trains_the_same_in_channels_last_and_uses_it():
+def test_vanilla_trains_the_same_in_channels_last_and_uses_it(monkeypatch):
+    """The suffix mechanism, with vanilla put in ``CHANNELS_LAST_METHODS``: same numbers, the layout really used."""
+    monkeypatch.setattr(train_data, "CHANNELS_LAST_METHODS", ("vanilla",))
     store = RunStore()
     runs = {}
     for layout in (True, False):
@@ -68,3 +75,6 @@ def test_vanilla_trains_the_same_in_channels_last_and_uses_it():
     assert all(p.is_contiguous() for p in asi.params)
     off = build_trainable(prepare(FinetuneConfig(methods=["vanilla"], channels_last=False, **CONFIG)), "vanilla")
     assert off.wrapper.memory_format == torch.contiguous_format
+    monkeypatch.setattr(train_data, "CHANNELS_LAST_METHODS", ())
+    default = build_trainable(prepare(FinetuneConfig(methods=["vanilla"], **CONFIG)), "vanilla")
+    assert default.wrapper.memory_format == torch.contiguous_format

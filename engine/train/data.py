@@ -17,9 +17,12 @@ from engine.data.feature_cache import cached_features, use_channels_last
 from engine.phases import PhaseCallback
 
 CALIBRATION_EPOCH = -1
-# methods whose trained suffix ran faster in channels_last on CPU (python3 -m engine.bench.formats, docs/speed.md):
-# vanilla 1.55x; the compressed methods' custom backward gained nothing (0.87-1.03x), so they stay NCHW
-CHANNELS_LAST_METHODS = ("vanilla",)
+# methods whose trained suffix runs channels_last on CPU: none since the depthwise weight gradient of 10+ taps went
+# to engine.depthwise's taps route (the ATen NCHW path that channels_last had sped up is no longer taken). A
+# vanilla suffix step at batch 64, NCHW against channels_last (docs/speed.md, "What changed … night"): MCUNet-in3
+# 30.9 / 38.8 ms, MobileNetV2 139 / 145 ms, ResNet-18 669 / 702 ms; the compressed methods gained nothing either
+# (python3 -m engine.bench.formats: 0.79-0.99x). The mechanism stays for a method that gains.
+CHANNELS_LAST_METHODS: tuple[str, ...] = ()
 DISK_CACHE_FROM_BYTES = 16 * 2**20
 
 
