@@ -19,8 +19,8 @@ from engine.phases import PhaseCallback
 CALIBRATION_EPOCH = -1
 # methods whose trained suffix runs channels_last on CPU: none since the depthwise weight gradient of 10+ taps went
 # to engine.depthwise's taps route (the ATen NCHW path that channels_last had sped up is no longer taken). A
-# vanilla suffix step at batch 64, NCHW against channels_last (docs/speed.md, "What changed … night"): MCUNet-in3
-# 30.9 / 38.8 ms, MobileNetV2 139 / 145 ms, ResNet-18 669 / 702 ms; the compressed methods gained nothing either
+# vanilla suffix step at batch 64, NCHW against channels_last (python3 docs/bench/suffix_layout.py): MCUNet-in3
+# 29.1 / 37.7 ms, MobileNetV2 137 / 140 ms, ResNet-18 656 / 729 ms; the compressed methods gained nothing either
 # (python3 -m engine.bench.formats: 0.79-0.99x). The mechanism stays for a method that gains.
 CHANNELS_LAST_METHODS: tuple[str, ...] = ()
 DISK_CACHE_FROM_BYTES = 16 * 2**20
