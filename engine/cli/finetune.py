@@ -86,7 +86,7 @@ def register(subparsers) -> None:
     p.add_argument("--data-root", default=None, help="folder holding the datasets (also LANCE_DATA_ROOT)")
     p.add_argument("--no-channels-last", action="store_true",
                    help="keep NCHW everywhere (default: channels_last where it measured faster on CPU: the "
-                        "frozen prefix of the feature cache and vanilla's trained layers; docs/speed.md)")
+                        "frozen prefix of the feature cache; trained layers stay NCHW; docs/speed.md)")
     p.add_argument("--no-pack", action="store_true",
                    help="plain autograd for the rest of the region (no lossless packing of BatchNorm, "
                         "ReLU/ReLU6 masks, pooling): the unpacked region figure")

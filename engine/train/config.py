@@ -69,7 +69,7 @@ class FinetuneConfig:
     feature_cache: bool = True
     resolution: int | None = None         # None: the backbone's native resolution
     pack: bool = True                     # lossless packing of the region's BN/ReLU/pool saves (engine.packing)
-    channels_last: bool = True            # channels_last where it is faster (CPU: prefix, vanilla's suffix)
+    channels_last: bool = True            # channels_last where it is faster (CPU: the feature cache's prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
