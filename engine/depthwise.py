@@ -107,14 +107,9 @@ def taps_weight_grad(core: Tensor, factors: Sequence[Tensor | None], grad_output
     z2 = z2.view(out_channels, out_h, out_w, rank_h, rank_w).permute(0, 1, 3, 2, 4)
     top, bottom, left, right = geometry.padding if padding is None else padding
     kh, kw = geometry.kernel
-    eye = {}
 
-    def factor(u: Tensor | None, size: int) -> Tensor:
-        if u is not None:
-            return u
-        if size not in eye:
-            eye[size] = torch.eye(size, dtype=core.dtype, device=core.device)
-        return eye[size]
+    def factor(u: Tensor | None, size: int) -> Tensor:  # a mode kept whole: the identity
+        return torch.eye(size, dtype=core.dtype, device=core.device) if u is None else u
 
     taps_w = kernel_taps(factor(u_width, rank_w), left, right, out_w, kw, geometry.stride[1], geometry.dilation[1])
     taps_h = kernel_taps(factor(u_height, rank_h), top, bottom, out_h, kh, geometry.stride[0], geometry.dilation[0])

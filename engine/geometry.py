@@ -74,7 +74,8 @@ class ConvGeometry:
         ``weight_shape[1] · groups`` must equal ``C_in``; ``N`` may be a compressed batch (the rows of a
         batch factor) and ``C_in`` a compressed channel mode (then ``groups`` is 1).
         """
-        if exact_taps_route(inputs.shape, self, weight_shape):  # engine.depthwise: as dense products
+        route = self.weight_grad_route(inputs, weight_shape, groups, padded)
+        if route == "taps":  # engine.depthwise: as dense products
             return taps_weight_grad(inputs, (None, None, None, None), grad_output, self, weight_shape,
                                     padding=(0, 0, 0, 0) if padded else None)
         top, bottom, left, right = self.padding
@@ -82,8 +83,7 @@ class ConvGeometry:
             inputs, padded = F.pad(inputs, (left, right, top, bottom)), True
         padding = [0, 0] if padded else [top, left]
         dummy = inputs.new_empty(1).expand(tuple(weight_shape))
-        channels_last = not padded and depthwise_grad_in_channels_last(inputs, weight_shape, groups)
-        if channels_last:
+        if route == "channels_last":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
             grad_output = grad_output.contiguous(memory_format=torch.channels_last)
         # (C', 1, kh, kw) with one input channel: channels_last strides are the contiguous ones
@@ -91,6 +91,16 @@ class ConvGeometry:
             grad_output, inputs, dummy, None, list(self.stride), padding, list(self.dilation),
             False, [0, 0], groups, [False, True, False],
         )[1]
+
+    def weight_grad_route(self, inputs: torch.Tensor, weight_shape, groups: int, padded: bool) -> str:
+        """How :meth:`weight_grad` computes dW: ``"taps"`` (:func:`engine.depthwise.exact_taps_route`),
+        ``"channels_last"`` (:func:`depthwise_grad_in_channels_last`, where the kernel pads: not on an input padded
+        beforehand, nor with asymmetric padding, which pads beforehand) or ``"nchw"`` (ATen as it comes)."""
+        if exact_taps_route(inputs.shape, self, weight_shape):
+            return "taps"
+        if not padded and self.symmetric and depthwise_grad_in_channels_last(inputs, weight_shape, groups):
+            return "channels_last"
+        return "nchw"
 
     def macs(self, batch: int, out_h: int, out_w: int) -> int:
         """Multiply-adds of one forward pass."""

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import engine
+import engine.depthwise as depthwise
+import engine.geometry as geometry_mod
 from engine import functional as Fn
 from engine import tensor_ops as T
 
@@ -110,14 +112,21 @@ def test_grouped_weight_grad_at_low_rank_equals_reconstructed_input(config, chan
     core = x
     for mode, factor in enumerate(factors):
         core = T.mode_product(core, factor, mode)
+    assert _reconstructed_input_dw_error(layer, core, factors) < 1e-12
+
+
+def _reconstructed_input_dw_error(layer: nn.Conv2d, core: torch.Tensor, factors) -> float:
+    """Relative error of the compressed-space dW from ``(core, factors)`` against autograd's dW of the
+    reconstructed input ``x̂ = core ×_m U_m`` (a random output gradient)."""
     x_hat = core
     for mode, factor in enumerate(factors):
         x_hat = T.mode_expand(x_hat, factor, mode)
+    layer.zero_grad(set_to_none=True)
     out = layer(x_hat)
     grad_output = torch.randn_like(out)
     out.backward(grad_output)
     dw = Fn.tucker_weight_grad(layer, core, factors, grad_output)
-    assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12
+    return float((dw - layer.weight.grad).norm() / layer.weight.grad.norm())
 
 
 def test_depthwise_lifts_channels_first_where_that_is_cheaper():
@@ -217,7 +226,6 @@ def test_gradient_filter_patch_constant_fields():
 def test_exact_large_depthwise_weight_grad_routes_equal_aten(route, dtype, monkeypatch):
     """The exact dW of a 7×7 depthwise conv: a small map at batch 4 takes the taps route (engine.depthwise), a
     larger one channels_last (float32; float64 stays NCHW), 3×3 kernels NCHW; each equals ATen's NCHW dW."""
-    import engine.depthwise as depthwise
     from engine.geometry import conv_geometry, depthwise_grad_in_channels_last
 
     x32 = torch.empty(2, 8, 12, 12)
@@ -234,7 +242,7 @@ def test_exact_large_depthwise_weight_grad_routes_equal_aten(route, dtype, monke
     geometry = conv_geometry(conv)
     side = {"taps": 6, "channels_last": 16, "nchw": 16}[route]
     if route == "nchw":
-        monkeypatch.setattr(geometry_module(), "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 1 << 30)
+        monkeypatch.setattr(geometry_mod, "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 1 << 30)
     assert depthwise.exact_taps_route((4, 8, side, side), geometry, conv.weight.shape) == (route == "taps")
     x, g = torch.randn(4, 8, side, side, dtype=dtype), torch.randn(4, 8, side, side, dtype=dtype)
     grad = geometry.weight_grad(x, g, conv.weight.shape, 8, padded=False)
@@ -243,12 +251,6 @@ def test_exact_large_depthwise_weight_grad_routes_equal_aten(route, dtype, monke
     assert grad.is_contiguous() and grad.shape == conv.weight.shape
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     assert float((grad - reference).abs().max() / reference.abs().max()) < tolerance
-
-
-def geometry_module():
-    import engine.geometry as geometry
-
-    return geometry
 
 
 LARGE_DEPTHWISE = {
@@ -270,42 +272,31 @@ def test_large_depthwise_compressed_weight_grad_equals_reconstructed_input(confi
     """Truncated factors: each route of a large depthwise kernel's compressed dW (the taps route in factor space;
     the lift to the unpadded map padded by the kernel, in channels_last; the factor-space padding in NCHW)
     equals the dW of the reconstructed input ``x̂``."""
-    import engine.depthwise as depthwise
-
     if route == "factor_space":
         monkeypatch.setattr(depthwise, "LARGE_KERNEL_TAPS", 1 << 30)
-        monkeypatch.setattr(geometry_module(), "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 1 << 30)
+        monkeypatch.setattr(geometry_mod, "DEPTHWISE_CHANNELS_LAST_MIN_TAPS", 1 << 30)
     torch.manual_seed(5)
     layer = nn.Conv2d(**LARGE_DEPTHWISE[config]).to(dtype)
     ranks = ROUTE_RANKS[route]
     factors = [torch.linalg.qr(torch.randn(d, r, dtype=dtype)).Q for d, r in zip(LARGE_INPUT, ranks)]
     core = torch.randn(ranks, dtype=dtype)
-    geometry = geometry_module().conv_geometry(layer)
+    geometry = geometry_mod.conv_geometry(layer)
     assert depthwise.taps_route(core.shape, factors, geometry, layer.weight.shape) == (route == "taps")
     assert not depthwise.exact_taps_route(LARGE_INPUT, geometry, layer.weight.shape)
-    x_hat = core
-    for mode, factor in enumerate(factors):
-        x_hat = T.mode_expand(x_hat, factor, mode)
-    out = layer(x_hat)
-    grad_output = torch.randn_like(out)
-    out.backward(grad_output)
-    dw = Fn.tucker_weight_grad(layer, core, factors, grad_output)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
-    assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < tolerance
+    assert _reconstructed_input_dw_error(layer, core, factors) < tolerance
 
 
 @pytest.mark.parametrize("config", list(LARGE_DEPTHWISE))
 def test_taps_route_on_a_raw_activation_is_autograds_weight_grad(config):
     """The taps route with identity spatial factors (the exact route): stride, dilation, asymmetric padding and
     channel multiplier, float64, against autograd."""
-    import engine.depthwise as depthwise
-
     torch.manual_seed(6)
     layer = nn.Conv2d(**LARGE_DEPTHWISE[config]).double()
     x = torch.randn(4, 6, 7, 8, dtype=torch.float64)
     out = layer(x)
     grad_output = torch.randn_like(out)
     out.backward(grad_output)
-    geometry = geometry_module().conv_geometry(layer)
+    geometry = geometry_mod.conv_geometry(layer)
     dw = depthwise.taps_weight_grad(x, (None,) * 4, grad_output, geometry, layer.weight.shape)
     assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12

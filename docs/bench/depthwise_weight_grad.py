@@ -33,7 +33,7 @@ from engine import tensor_ops as T
 from engine.bench.output import bench_parser, emit_json
 from engine.bench.timing import interleaved_ms
 from engine.functional import conv_weight_grad
-from engine.geometry import conv_geometry, depthwise_grad_in_channels_last
+from engine.geometry import conv_geometry
 from engine.malloc import tune_malloc
 
 #: (batch, channels, map side, kernel, stride, padding); the last 7×7 row is an input padded beforehand (padding 0),
@@ -125,12 +125,8 @@ def main() -> None:
         ms = interleaved_ms(calls, args.repeats)
         results = {k: fn() for k, fn in calls.items()}
         ref = results["nchw"]
-        if depthwise.exact_taps_route(x.shape, geometry, shape):
-            engine_route = "taps"
-        elif padding > 0 and depthwise_grad_in_channels_last(x, shape, channels):
-            engine_route = "channels_last"
-        else:
-            engine_route = "nchw"
+        # the bench's padding-0 row stands for an input padded beforehand
+        engine_route = geometry.weight_grad_route(x, shape, channels, padded=padding == 0)
         rows.append({
             "shape": [batch, channels, side, side], "kernel": kernel, "stride": stride, "padding": padding, "ms": ms,
             "engine": engine_route, "engine_ms": ms[engine_route],

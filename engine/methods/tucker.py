@@ -206,7 +206,8 @@ class ASI(_TuckerMethod):
         layer._buffers[f"asi_factor_{mode}"] = u
         return u
 
-    def _iterate(self, layer, source: Tensor, mode: int, rank: int, generator: torch.Generator) -> tuple[Tensor, int]:
+    def _iterate(self, layer, source: Tensor, mode: int, rank: int, generator: torch.Generator,
+                 energy: list | None = None) -> tuple[Tensor, int]:
         """One subspace-iteration step for ``mode`` of ``source``: ``(D_m, r)`` factor, FLOPs.
 
         The leading mode of a tensor (the batch mode, batch first) with ``D ≤ GRAM_ROWS_PER_RANK · r`` goes
@@ -216,7 +217,8 @@ class ASI(_TuckerMethod):
         if mode == 0 and d <= self.GRAM_ROWS_PER_RANK * rank:
             a = source.reshape(d, -1)
             gram = mm(a, a.T)
-            self._source_energy = (source, gram.diagonal().sum())  # ‖source‖² for _finish, no extra pass
+            if energy is not None:  # ‖source‖², the Gram's trace (as engine.methods.base.batch_factor gives it)
+                energy.append(gram.diagonal().sum())
             u = self._from_gram(layer, gram, mode, rank)
             return u, 2 * source.numel() * d + 2 * d * d * rank + 2 * d * rank * rank
         prev = layer._buffers.get(f"asi_factor_{mode}")
@@ -254,6 +256,7 @@ class ASI(_TuckerMethod):
         order = projection_order(shape, {m: ranks[m] for m in range(1, x.dim())})
         batch_first = ranks[0] < shape[0] and (not self.sequential or self._batch_first_is_cheaper(shape, ranks, order))
         modes = ([0] if batch_first else []) + order
+        energy: list = []  # ‖x‖² from the batch Gram's trace, where the batch mode is iterated on x itself
         i = 0
         while i < len(modes):
             mode = modes[i]
@@ -263,7 +266,8 @@ class ASI(_TuckerMethod):
                 flops += f
                 i += 2
                 continue
-            u, f = self._iterate(layer, y if self.sequential else x, mode, ranks[mode], generator)
+            source = y if self.sequential else x
+            u, f = self._iterate(layer, source, mode, ranks[mode], generator, energy if source is x else None)
             factors[mode] = u
             flops += f
             if self.sequential:
@@ -276,9 +280,8 @@ class ASI(_TuckerMethod):
         # Batch mode last (narrow layers or large r_B): derived exactly enough from the small tensor.
         batch_rank = None if batch_first else ranks[0]
         layer.asi_steps += 1
-        source, energy = self.__dict__.pop("_source_energy", (None, None))
-        total_energy = energy if source is x else None  # the batch Gram was of x itself
-        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, generator, total_energy)
+        return self._finish(x, y, factors, batch_rank, flops, self.track_energy, generator,
+                            energy[0] if energy else None)
 
     @staticmethod
     def _batch_first_is_cheaper(shape, ranks, order) -> bool:
