@@ -300,3 +300,42 @@ def test_taps_route_on_a_raw_activation_is_autograds_weight_grad(config):
     geometry = geometry_mod.conv_geometry(layer)
     dw = depthwise.taps_weight_grad(x, (None,) * 4, grad_output, geometry, layer.weight.shape)
     assert float((dw - layer.weight.grad).norm() / layer.weight.grad.norm()) < 1e-12
+
+
+FLIPPED_INPUT_GRAD = {  # depthwise, stride 1, multiplier 1: dX as a forward conv with the flipped kernel
+    "3x3": dict(kernel_size=3, padding=1),
+    "7x7": dict(kernel_size=7, padding=3),
+    "dilated_3x3": dict(kernel_size=3, padding=2, dilation=2),
+    "per_axis_3x5": dict(kernel_size=(3, 5), padding=(1, 2)),
+    "valid_3x3": dict(kernel_size=3, padding=0),
+    "same_odd_dilated": dict(kernel_size=3, padding="same", dilation=(2, 1)),
+    "pointwise_depthwise": dict(kernel_size=1),
+}
+NOT_FLIPPED = {  # these keep ATen's backward-data kernel
+    "stride2": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, stride=2, groups=6),
+    "multiplier2": dict(in_channels=6, out_channels=12, kernel_size=3, padding=1, groups=6),
+    "grouped": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=3),
+    "dense": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1),
+    "same_even": dict(in_channels=6, out_channels=6, kernel_size=4, padding="same", groups=6),  # asymmetric
+    "overpadded": dict(in_channels=6, out_channels=6, kernel_size=3, padding=3, groups=6),  # p > (k−1)·d
+}
+
+
+@pytest.mark.parametrize("config", list(FLIPPED_INPUT_GRAD) + list(NOT_FLIPPED))
+def test_depthwise_input_grad_routes_equal_autograd(config):
+    """A stride-1 depthwise conv's dX runs as the forward correlation of G with the flipped kernel
+    (``ConvGeometry.flipped_input_grad``); it and ATen's backward-data route equal autograd (float64)."""
+    flipped = config in FLIPPED_INPUT_GRAD
+    kwargs = dict(in_channels=6, out_channels=6, groups=6, **FLIPPED_INPUT_GRAD[config]) if flipped else NOT_FLIPPED[config]
+    torch.manual_seed(7)
+    layer = nn.Conv2d(bias=False, **kwargs).double()
+    x = torch.randn(3, 6, 9, 10, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_output = torch.randn_like(out)
+    (reference,) = torch.autograd.grad(out, x, grad_output)
+    geometry = geometry_mod.conv_geometry(layer)
+    assert geometry.flipped_input_grad(grad_output, layer.weight) == flipped
+    with torch.no_grad():
+        grad = geometry.input_grad(grad_output, layer.weight, x.shape)
+    assert grad.shape == x.shape
+    assert float((grad - reference).abs().max() / reference.abs().max()) < 1e-12
