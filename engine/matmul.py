@@ -7,10 +7,19 @@ runs the same product about 2× faster from a few rows up (``python3 docs/bench/
 fixed cost of ≈ 20 µs and reorders its weight operand each call, so small products, and small row counts
 whose weight operand is transposed (the reorder is then a strided copy), stay on ``mm``.
 
+On Intel CPUs MKL runs its own AVX-512 kernels: there ``mm`` is as fast as oneDNN on large products and faster
+on small ones and on transposed left operands (a Gram ``MᵀM``: 2× — oneDNN copies the operand first), so the
+oneDNN route is only taken where the CPU is not an Intel one (:data:`PREFER_ONEDNN`; ``LANCE_MATMUL=onednn`` or
+``=mm`` overrides it, for benchmarks).
+
 Only for tensors outside autograd (inside a custom Function's forward or backward, or under no-grad): the
 oneDNN op has no derivative.
 """
 from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +39,41 @@ MIN_ROWS_STRIDED = 32
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, …) from ``cpuinfo`` (Linux), else what
+    :func:`platform.processor` says; ``""`` when neither tells."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "GenuineIntel" if "intel" in platform.processor().lower() else ""
+
+
+def prefers_onednn(vendor: str, override: str | None = None) -> bool:
+    """Whether the products go to oneDNN where they fit (:func:`onednn_fits`): not on Intel CPUs (MKL is as fast
+    or faster there, ``python3 docs/bench/matmul_routes.py``); ``override`` (``$LANCE_MATMUL``): ``"onednn"`` or
+    ``"mm"`` decides instead."""
+    if override:
+        if override not in ("onednn", "mm"):
+            raise ValueError(f"LANCE_MATMUL must be 'onednn' or 'mm', got {override!r}")
+        return override == "onednn" and _ONEDNN
+    return _ONEDNN and vendor != "GenuineIntel"
+
+
+#: whether this process sends fitting products to oneDNN (decided once, at import)
+PREFER_ONEDNN = prefers_onednn(cpu_vendor(), os.environ.get("LANCE_MATMUL") or None)
+
+
 def uses_onednn(a: Tensor, b: Tensor) -> bool:
-    """Whether :func:`mm` sends ``a (M, K) @ b (K, N)`` to oneDNN."""
+    """Whether :func:`mm` sends ``a (M, K) @ b (K, N)`` to oneDNN: :data:`PREFER_ONEDNN` and :func:`onednn_fits`."""
+    return PREFER_ONEDNN and onednn_fits(a, b)
+
+
+def onednn_fits(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a (M, K) @ b (K, N)`` is a product that oneDNN runs faster than a slow MKL (the shape rule)."""
     if not (_ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32 and b.dtype == torch.float32):
         return False
     if a.dim() != 2 or b.dim() != 2 or a.requires_grad and torch.is_grad_enabled():

@@ -1,4 +1,4 @@
-"""engine.matmul: oneDNN products equal ``a @ b`` and stay out of autograd."""
+"""engine.matmul: oneDNN products equal ``a @ b`` and stay out of autograd; the route is off on Intel CPUs."""
 import pytest
 import torch
 
@@ -6,50 +6,61 @@ from engine import matmul
 from engine.layers import CompressedLayer
 from engine.methods import make_method
 
-pytestmark = pytest.mark.skipif(not matmul._ONEDNN, reason="this PyTorch build has no oneDNN")
+needs_onednn = pytest.mark.skipif(not matmul._ONEDNN, reason="this PyTorch build has no oneDNN")
 
 
+@pytest.fixture
+def onednn_on(monkeypatch):
+    """The oneDNN route as on a non-Intel CPU, whatever this machine is."""
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)
+
+
+@needs_onednn
 @pytest.mark.parametrize("layout", ["transposed_view", "row_major"])
 @pytest.mark.parametrize("m,k,n", [(64, 2048, 512), (32, 256, 256), (128, 960, 160)])
-def test_onednn_route_matches_mm(m, k, n, layout):
+def test_onednn_route_matches_mm(m, k, n, layout, onednn_on):
     torch.manual_seed(0)
     a = torch.randn(m, k)
     b = torch.randn(n, k).t() if layout == "transposed_view" else torch.randn(k, n)
-    assert matmul.uses_onednn(a, b)
+    assert matmul.onednn_fits(a, b) and matmul.uses_onednn(a, b)
     got = matmul.mm(a, b)
     want = (a.double() @ b.double()).float()
     assert got.shape == (m, n)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * k ** 0.5)
 
 
-def test_strided_left_operand():
+@needs_onednn
+def test_strided_left_operand(onednn_on):
     torch.manual_seed(1)
     g, x = torch.randn(64, 2048), torch.randn(64, 1024)
-    assert matmul.uses_onednn(g.T, x)
+    assert matmul.onednn_fits(g.T, x)
     torch.testing.assert_close(matmul.mm(g.T, x), (g.T.double() @ x.double()).float(), rtol=1e-5, atol=1e-3)
 
 
-def test_tall_thin_products_go_to_onednn_whatever_their_size():
+@needs_onednn
+def test_tall_thin_products_go_to_onednn_whatever_their_size(onednn_on):
     """A mode product onto a small spatial mode, (53760, 7) @ (7, 4): 1.5 M MACs, below MIN_MACS, but tall."""
     torch.manual_seed(3)
     a, b = torch.randn(matmul.MIN_ROWS_TALL, 7), torch.randn(7, 4)
-    assert a.shape[0] * 7 * 4 < matmul.MIN_MACS and matmul.uses_onednn(a, b)
+    assert a.shape[0] * 7 * 4 < matmul.MIN_MACS and matmul.onednn_fits(a, b)
     torch.testing.assert_close(matmul.mm(a, b), (a.double() @ b.double()).float(), rtol=1e-5, atol=1e-5)
-    assert not matmul.uses_onednn(torch.randn(matmul.MIN_ROWS_TALL - 1, 7), b)
+    assert not matmul.onednn_fits(torch.randn(matmul.MIN_ROWS_TALL - 1, 7), b)
 
 
-def test_small_float64_and_autograd_stay_on_mm():
-    assert not matmul.uses_onednn(torch.randn(64, 64), torch.randn(64, 64))  # below MIN_MACS
-    assert not matmul.uses_onednn(torch.randn(1, 2048), torch.randn(2048, 2048))  # one row, strided weight
+@needs_onednn
+def test_small_float64_and_autograd_stay_on_mm(onednn_on):
+    assert not matmul.onednn_fits(torch.randn(64, 64), torch.randn(64, 64))  # below MIN_MACS
+    assert not matmul.onednn_fits(torch.randn(1, 2048), torch.randn(2048, 2048))  # one row, strided weight
     double = torch.float64
-    assert not matmul.uses_onednn(torch.randn(64, 2048, dtype=double), torch.randn(2048, 512, dtype=double))
+    assert not matmul.onednn_fits(torch.randn(64, 2048, dtype=double), torch.randn(2048, 512, dtype=double))
     a = torch.randn(64, 2048, requires_grad=True)
-    assert not matmul.uses_onednn(a, torch.randn(2048, 512))
+    assert not matmul.onednn_fits(a, torch.randn(2048, 512))
     with torch.no_grad():
-        assert matmul.uses_onednn(a, torch.randn(2048, 512))
+        assert matmul.onednn_fits(a, torch.randn(2048, 512))
 
 
-def test_linear_under_autograd_keeps_gradients():
+@needs_onednn
+def test_linear_under_autograd_keeps_gradients(onednn_on):
     torch.manual_seed(2)
     x = torch.randn(64, 1024, requires_grad=True)
     w = torch.randn(512, 1024, requires_grad=True)
@@ -65,7 +76,8 @@ def test_linear_under_autograd_keeps_gradients():
     torch.testing.assert_close(out, torch.nn.functional.linear(x.view(8, 8, 1024), w, b), rtol=1e-5, atol=1e-3)
 
 
-def test_compressed_vanilla_linear_on_the_onednn_route_matches_autograd():
+@needs_onednn
+def test_compressed_vanilla_linear_on_the_onednn_route_matches_autograd(onednn_on):
     """A 2048 → 2048 layer at batch 64: forward, input and weight gradients all take the oneDNN route."""
     torch.manual_seed(3)
     ref = torch.nn.Linear(2048, 2048)
@@ -94,11 +106,45 @@ LAYOUTS = {
 }
 
 
+@needs_onednn
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_strided_and_expanded_operands(name):
+def test_strided_and_expanded_operands(name, onednn_on):
     """oneDNN reads operands by their strides: views, slices and stride-0 expansions give a @ b too."""
     torch.manual_seed(4)
     a, b = LAYOUTS[name]()
-    assert matmul.uses_onednn(a, b)
+    assert matmul.onednn_fits(a, b)
     want = (a.double() @ b.double()).float()
     torch.testing.assert_close(matmul.mm(a, b), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+CPUINFO = {
+    "intel": "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n",
+    "amd": "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n",
+}
+
+
+@pytest.mark.parametrize("cpu", list(CPUINFO))
+def test_cpu_vendor_is_read_from_cpuinfo(cpu, tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO[cpu])
+    assert matmul.cpu_vendor(path) == {"intel": "GenuineIntel", "amd": "AuthenticAMD"}[cpu]
+
+
+def test_onednn_route_is_off_on_intel_and_on_elsewhere(monkeypatch):
+    """MKL has AVX-512 kernels on Intel CPUs (mm as fast or faster), only a generic path on AMD ones (oneDNN ≈2×)."""
+    monkeypatch.setattr(matmul, "_ONEDNN", True)
+    assert not matmul.prefers_onednn("GenuineIntel")
+    assert matmul.prefers_onednn("AuthenticAMD") and matmul.prefers_onednn("")
+    assert matmul.prefers_onednn("GenuineIntel", override="onednn")
+    assert not matmul.prefers_onednn("AuthenticAMD", override="mm")
+    with pytest.raises(ValueError, match="LANCE_MATMUL must be 'onednn' or 'mm'"):
+        matmul.prefers_onednn("AuthenticAMD", override="blas")
+    monkeypatch.setattr(matmul, "_ONEDNN", False)  # a build without oneDNN never prefers it
+    assert not matmul.prefers_onednn("AuthenticAMD") and not matmul.prefers_onednn("", override="onednn")
+
+
+def test_mm_off_the_onednn_route_is_torch_mm(monkeypatch):
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", False)
+    a, b = torch.randn(64, 2048), torch.randn(2048, 512)
+    assert matmul.onednn_fits(a, b) == matmul._ONEDNN and not matmul.uses_onednn(a, b)
+    assert torch.equal(matmul.mm(a, b), a @ b)
