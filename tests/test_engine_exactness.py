@@ -326,7 +326,7 @@ def test_depthwise_input_grad_routes_equal_autograd(config):
     """A stride-1 depthwise conv's dX runs as the forward correlation of G with the flipped kernel
     (``ConvGeometry.flipped_input_grad``); it and ATen's backward-data route equal autograd (float64)."""
     flipped = config in FLIPPED_INPUT_GRAD
-    kwargs = dict(in_channels=6, out_channels=6, groups=6, **FLIPPED_INPUT_GRAD[config]) if flipped else NOT_FLIPPED[config]
+    kwargs = NOT_FLIPPED.get(config) or dict(in_channels=6, out_channels=6, groups=6, **FLIPPED_INPUT_GRAD[config])
     torch.manual_seed(7)
     layer = nn.Conv2d(bias=False, **kwargs).double()
     x = torch.randn(3, 6, 9, 10, dtype=torch.float64, requires_grad=True)
