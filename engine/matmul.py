@@ -39,17 +39,34 @@ MIN_ROWS_STRIDED = 32
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, …) from ``cpuinfo`` (Linux), else what
-    :func:`platform.processor` says; ``""`` when neither tells."""
+def _cpuinfo_field(name: str, cpuinfo: Path) -> str | None:
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, …) from ``cpuinfo`` (Linux), else what
+    :func:`platform.processor` says; ``""`` when neither tells."""
+    vendor = _cpuinfo_field("vendor_id", cpuinfo)
+    if vendor is not None:
+        return vendor
     return "GenuineIntel" if "intel" in platform.processor().lower() else ""
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (for benchmark reports), ``platform.processor()`` or ``"unknown"`` off Linux."""
+    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or "unknown"
+
+
+def route_name() -> str:
+    """Which product route this process takes: ``"onednn"`` or ``"mm"`` (for benchmark reports)."""
+    return "onednn" if PREFER_ONEDNN else "mm"
 
 
 def prefers_onednn(vendor: str, override: str | None = None) -> bool:

@@ -128,6 +128,7 @@ def test_cpu_vendor_is_read_from_cpuinfo(cpu, tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO[cpu])
     assert matmul.cpu_vendor(path) == {"intel": "GenuineIntel", "amd": "AuthenticAMD"}[cpu]
+    assert matmul.cpu_model(path) == {"intel": "Intel(R) Xeon(R) Processor", "amd": "AMD EPYC"}[cpu]
 
 
 def test_onednn_route_is_off_on_intel_and_on_elsewhere(monkeypatch):

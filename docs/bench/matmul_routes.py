@@ -39,15 +39,7 @@ def main() -> None:
             rows.append({"m": m, "k": k, "n": n, "layout": layout, **med,
                          "onednn_over_mm": round(med["onednn_ms"] / med["mm_ms"], 3),
                          "route": "onednn" if matmul.uses_onednn(a, b) else "mm", "max_rel_diff": float(f"{err:.2e}")})
-    emit_json({"threads": 1, "repeats": args.repeats, "cpu": _cpu(), "rows": rows}, args.json)
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
+    emit_json({"threads": 1, "repeats": args.repeats, "cpu": matmul.cpu_model(), "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

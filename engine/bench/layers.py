@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.functional import default_asi_ranks
+from engine.matmul import cpu_model, route_name
 from engine.memory import SavedBytesMeter
 from engine.surgery import compress_model
 
@@ -207,7 +208,8 @@ def run(batch_size: int = 128, repeats: int = 5, full_rank: bool = False, method
             progress(spec, rows)
     return {
         "config": {"batch_size": batch_size, "repeats": repeats, "full_rank": full_rank, "device": str(device),
-                   "threads": torch.get_num_threads(), "torch": torch.__version__},
+                   "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "cpu": cpu_model(), "matmul": route_name()},
         "results": results,
         "summary": summarize(results, methods),
     }
@@ -247,6 +249,7 @@ def run_batch_sizes(batch_sizes, repeats: int = 5, full_rank: bool = False, meth
     return {
         "config": {"batch_sizes": list(batch_sizes), "repeats": repeats, "full_rank": full_rank,
                    "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "cpu": cpu_model(), "matmul": route_name(),
                    "inputs": "synthetic" if layer_inputs_fn is None else "real"},
         "by_batch_size": reports,
     }
