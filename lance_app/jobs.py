@@ -62,6 +62,11 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _default_sigint() -> None:
+    """In a job's child between fork and exec: SIGINT back to its default (only when the runner ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class JobRunner:
     """Starts, lists, polls and stops CLI jobs; thread-safe; one per server process.
 
@@ -93,6 +98,10 @@ class JobRunner:
         env = dict(os.environ)
         env["LANCE_HOME"] = str(self.home)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Stop is SIGINT to the job's group. A runner in a process that ignores SIGINT (started in the background
+        # by a non-interactive shell: nohup, `cmd &` in a script) would hand that to every job, since SIG_IGN
+        # survives exec (a handler, like the Streamlit server's, does not): only then is it reset in the child.
+        ignoring = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 argv,
@@ -101,6 +110,7 @@ class JobRunner:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # own session and process group: stop hits the whole job
+                preexec_fn=_default_sigint if ignoring else None,
                 cwd=os.getcwd(),
             )
         job = Job(job_id=job_id, kind=kind, argv=argv, pid=proc.pid, started_at=time.time(),

@@ -14,18 +14,15 @@ import time
 
 import pytest
 
-from engine.cli._signals import restore_sigint
 from engine.store import RunStore
 from lance_app.jobs import JobRunner
 from lance_app.live import JobView, job_progress, readable_failure, steps_per_run
 
 STANDIN = textwrap.dedent('''
     import sys, time
-    from engine.cli._signals import restore_sigint
     from engine.store import RunStore
     args = sys.argv[1:]
     kind, job_id = args[0], args[args.index("--job-id") + 1]
-    restore_sigint(job_id)  # as engine.cli.main does for a command given --job-id
     if "--fail" in args:
         print("error: dataset 'nope' not found; looked in /nowhere", file=sys.stderr)
         sys.exit(2)
@@ -82,10 +79,14 @@ def test_job_runs_in_its_own_process_group_and_stop_interrupts_it(runner):
 
 
 def test_stop_reaches_a_job_whose_parent_ignores_sigint(runner):
-    """`lance app &` from a script (or nohup, or a CI step): the shell hands the app SIGINT ignored and every job
-    inherits it; the job puts Python's handler back, so Stop still interrupts it and the run is marked."""
+    """A runner in a process that ignores SIGINT (started in the background by a non-interactive shell: nohup,
+    `cmd &` in a script): SIG_IGN survives exec, so the runner resets it in the child; Stop still interrupts the
+    job and its run is marked. Also right after the start, before the child's Python is up."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        early = runner.start("finetune", ["--steps", "2000"])
+        assert runner.stop(early.job_id)  # at once: the child may still be starting Python
+        assert runner.wait(early.job_id, timeout_s=20) != 0
         job = runner.start("finetune", ["--steps", "2000"])
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -96,18 +97,6 @@ def test_stop_reaches_a_job_whose_parent_ignores_sigint(runner):
     assert runner.wait(job.job_id, timeout_s=20) == 130
     view.poll(store)
     assert view.runs[0]["status"] == "interrupted"
-
-
-def test_restore_sigint_only_for_jobs_and_only_when_ignored():
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        assert not restore_sigint(None)  # a plain command line run keeps what its shell gave it
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert restore_sigint("20261204-000000-abcdef")
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        assert not restore_sigint("20261204-000000-abcdef")  # a handler in place is left alone
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_second_runner_reattaches_like_a_restarted_server(runner):

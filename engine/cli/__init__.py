@@ -15,7 +15,6 @@ import sys
 from importlib.metadata import entry_points
 
 from engine.cli._errors import run_guarded
-from engine.cli._signals import restore_sigint
 from engine.malloc import tune_malloc
 from engine.shared import apply_shared_defaults
 
@@ -59,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
 
-    restore_sigint(getattr(args, "job_id", None))  # an app job stays stoppable when started with SIGINT ignored
     # ../shared, as `lance app` finds it (the app prints what it set; it sets them itself)
     changed = {} if args.func.__module__ == "lance_app.cli" else apply_shared_defaults(os.environ)
     tune_malloc()  # engine.malloc: freed activations stay in the heap (no page faults every step)
